@@ -1,0 +1,1 @@
+"""Train, sample and evaluate image diffusion models with PyTorch Lightning and Hydra."""

@@ -1,0 +1,1 @@
+"""Diffusion processes: noise schedules and the forward/reverse process math."""

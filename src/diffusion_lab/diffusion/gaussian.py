@@ -1,0 +1,201 @@
+"""Gaussian diffusion (DDPM, Ho et al. 2020): the forward process q and the quantities the
+reverse process needs, written with the paper's symbols.
+
+| code                       | symbol                                                   |
+|----------------------------|----------------------------------------------------------|
+| betas                      | beta_t                                                   |
+| alphas_cumprod             | alpha_bar_t = prod_{s<=t} (1 - beta_s)                   |
+| alphas_cumprod_prev        | alpha_bar_{t-1} (alpha_bar_0 = 1)                        |
+| posterior_variance         | beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)  (Eq. 7) |
+| posterior_mean_coef1/2     | mu_tilde_t = coef1 * x_0 + coef2 * x_t                   (Eq. 7) |
+| snr                        | alpha_bar_t / (1 - alpha_bar_t)                          |
+
+Timestep index t = 0..T-1 holds the paper's t = 1..T. All tables are computed in float64 and kept
+as float64 buffers (they are small), so every formula is exact to float64 on any device.
+"""
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lab.utils.errors import ConfigError
+
+OBJECTIVES = ("eps", "x0", "v")
+LOSS_TYPES = ("l1", "l2", "huber")
+LOSS_WEIGHTINGS = ("none", "min_snr", "trunc_snr")
+
+
+def extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """table[t] reshaped to (B, 1, ..., 1) so that it broadcasts over a batch of ndim dimensions."""
+    return table[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+class DenoiserOutput(NamedTuple):
+    """What a sampler gets back from one network evaluation at (x_t, t)."""
+
+    x0: Tensor  # predicted x_0 (clipped to [-1, 1] when asked; eps then recomputed from it)
+    eps: Tensor  # predicted noise, consistent with x0: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps
+    log_variance: Tensor | None = None  # learned reverse log-variance, when the model has one
+
+
+Denoiser = Callable[[Tensor, Tensor], DenoiserOutput]
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process q(x_t | x_0), posterior q(x_{t-1} | x_t, x_0) and the training loss.
+
+    objective: what the network predicts: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps - sqrt(1-alpha_bar) x0
+    (Salimans & Ho 2022). loss_weighting: per-timestep weight on the loss, see `loss_weight`.
+    """
+
+    def __init__(
+        self,
+        betas: Tensor,
+        objective: str = "eps",
+        loss_type: str = "l2",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+    ):
+        super().__init__()
+        for key, value, allowed in (
+            ("objective", objective, OBJECTIVES),
+            ("loss_type", loss_type, LOSS_TYPES),
+            ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"process.{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        self.objective, self.loss_type, self.loss_weighting = objective, loss_type, loss_weighting
+        self.min_snr_gamma = min_snr_gamma
+
+        betas = betas.to(torch.float64)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        if alphas_cumprod[-1] == 0 and objective == "eps":
+            raise ConfigError(
+                "schedule.zero_terminal_snr=true makes alpha_bar_T = 0, where x_0 cannot be recovered from an "
+                "eps prediction; use process.objective=v (or x0)"
+            )
+        self.num_timesteps = len(betas)
+        self.register_buffer("betas", betas, persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev, persistent=False)
+        self.register_buffer("sqrt_alphas_cumprod", alphas_cumprod.sqrt(), persistent=False)
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - alphas_cumprod).sqrt(), persistent=False)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        self.register_buffer("posterior_variance", posterior_variance, persistent=False)
+        # beta_tilde_1 = 0: clip the log at beta_tilde_2, as Ho et al.'s code does
+        self.register_buffer(
+            "posterior_log_variance_clipped",
+            torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            persistent=False,
+        )
+        self.register_buffer(
+            "posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod), persistent=False
+        )
+        self.register_buffer(
+            "posterior_mean_coef2",
+            (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+            persistent=False,
+        )
+        self.register_buffer("snr", alphas_cumprod / (1 - alphas_cumprod), persistent=False)
+
+    # Forward process --------------------------------------------------------------------------
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (Ho et al. Eq. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim).to(x0.dtype) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim).to(x0.dtype) * noise
+        )
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)   (Ho et al. Eq. 6-7)."""
+        mean = extract(self.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+        return (
+            mean,
+            extract(self.posterior_variance, t, x_t.ndim),
+            extract(self.posterior_log_variance_clipped, t, x_t.ndim),
+        )
+
+    # Conversions between parameterizations ----------------------------------------------------
+
+    def predict_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0   (Salimans & Ho 2022, Sec. 4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim).to(x0.dtype) * eps
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim).to(x0.dtype) * x0
+        )
+
+    def to_x0_eps(self, x_t: Tensor, alpha_bar: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_0, eps) from the network output under this objective, at noise level alpha_bar (broadcastable)."""
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if self.objective == "eps":
+            return (x_t - s * model_output) / a, model_output
+        if self.objective == "x0":
+            return model_output, (x_t - a * model_output) / s
+        return a * x_t - s * model_output, s * x_t + a * model_output  # v
+
+    def eps_from_x0(self, x_t: Tensor, alpha_bar: Tensor, x0: Tensor) -> Tensor:
+        """eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)."""
+        return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """alpha_bar at a possibly fractional timestep: log sigma, sigma = sqrt((1-alpha_bar)/alpha_bar),
+        interpolated linearly between integer steps (as k-diffusion's DiscreteSchedule); exact at integers."""
+        t = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long()
+        high = t.ceil().long()
+        w = t - low
+        log_sigmas = 0.5 * (torch.log1p(-self.alphas_cumprod) - torch.log(self.alphas_cumprod))
+        log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[high]
+        return torch.where(w == 0, self.alphas_cumprod[low], torch.sigmoid(-2 * log_sigma))
+
+    # Training -----------------------------------------------------------------------------------
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight w(t) on the objective's loss. With snr = alpha_bar/(1-alpha_bar), the x_0-space
+        weights are min(snr, gamma) for min_snr (Hang et al. 2023, Eq. 10) and max(snr, 1) for trunc_snr
+        (Salimans & Ho 2022, Sec. 4); they are divided by c(snr), where ||target error||^2 = c ||x_0 error||^2:
+        c = snr (eps), 1 (x0), snr + 1 (v)."""
+        snr = self.snr[t]
+        if self.loss_weighting == "none":
+            return torch.ones_like(snr)
+        x0_weight = snr.clamp(max=self.min_snr_gamma) if self.loss_weighting == "min_snr" else snr.clamp(min=1)
+        c = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.objective]
+        return x0_weight / c
+
+    def elementwise_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if self.loss_type == "l1":
+            return F.l1_loss(prediction, target, reduction="none")
+        if self.loss_type == "l2":
+            return F.mse_loss(prediction, target, reduction="none")
+        return F.smooth_l1_loss(prediction, target, reduction="none")  # huber, delta = 1
+
+    def training_losses(self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, **net_kwargs) -> Tensor:
+        """Per-sample loss w(t) * mean(loss(net(x_t, t), target)), target by objective (Ho et al. Alg. 1)."""
+        x_t = self.q_sample(x0, t, noise)
+        target = {"eps": noise, "x0": x0, "v": self.predict_v(x0, noise, t)}[self.objective]
+        prediction = net(x_t, t, **net_kwargs)
+        per_sample = self.elementwise_loss(prediction.float(), target.float()).flatten(1).mean(1)
+        return per_sample * self.loss_weight(t).float()
+
+    # Sampling -----------------------------------------------------------------------------------
+
+    def denoiser(self, net: nn.Module, clip_denoised: bool = True, **net_kwargs) -> Denoiser:
+        """A function (x_t, t) -> DenoiserOutput over the network. x_t may be float64 (samplers compute in
+        float64); the network runs in its own dtype. t may be fractional (see `alpha_bar_at`).
+        Clipping x_0 to [-1, 1] recomputes eps from the clipped x_0."""
+
+        def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
+            param = next(net.parameters())
+            model_output = net(x_t.to(param.dtype), t.to(param.dtype), **net_kwargs).to(x_t.dtype)
+            alpha_bar = self.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+            x0, eps = self.to_x0_eps(x_t, alpha_bar, model_output)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+                eps = self.eps_from_x0(x_t, alpha_bar, x0)
+            return DenoiserOutput(x0, eps)
+
+        return denoise

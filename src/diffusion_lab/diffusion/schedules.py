@@ -1,0 +1,77 @@
+"""Variance schedules beta_1..beta_T, computed in float64.
+
+Symbols follow Ho et al. 2020 (DDPM): alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s.
+"""
+
+import math
+
+import torch
+
+from diffusion_lab.utils.errors import ConfigError
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """beta_t evenly spaced from beta_start to beta_end (Ho et al. 2020, Sec. 4)."""
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def quadratic_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """sqrt(beta_t) evenly spaced from sqrt(beta_start) to sqrt(beta_end)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
+
+
+def sigmoid_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """beta_t = beta_start + (beta_end - beta_start) * sigmoid(u), u evenly spaced in [-6, 6]."""
+    u = torch.linspace(-6, 6, timesteps, dtype=torch.float64)
+    return torch.sigmoid(u) * (beta_end - beta_start) + beta_start
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), beta_t = 1 - alpha_bar(t)/alpha_bar(t-1),
+    clipped at max_beta (Nichol & Dhariwal 2021, Eq. 17)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0 while sqrt(alpha_bar_1) is kept
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1)."""
+    sqrt_alpha_bar = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def beta_schedule(
+    name: str,
+    timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    cosine_s: float = 0.008,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
+    """The betas of the named schedule, float64, shape (timesteps,)."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={name!r} is not a schedule; choose one of {', '.join(SCHEDULES)}")
+    if not isinstance(timesteps, int) or timesteps < 1:
+        raise ConfigError(f"schedule.timesteps={timesteps} must be an integer >= 1")
+    if name == "cosine":
+        betas = cosine_betas(timesteps, s=cosine_s)
+    else:
+        if not 0 < beta_start <= beta_end < 1:
+            raise ConfigError(
+                f"schedule.beta_start={beta_start}, schedule.beta_end={beta_end}: need 0 < beta_start <= beta_end < 1"
+            )
+        betas = {"linear": linear_betas, "quadratic": quadratic_betas, "sigmoid": sigmoid_betas}[name](
+            timesteps, beta_start, beta_end
+        )
+    if zero_terminal_snr:
+        if timesteps < 2:
+            raise ConfigError("schedule.zero_terminal_snr=true needs schedule.timesteps >= 2")
+        betas = rescale_zero_terminal_snr(betas)
+    return betas

@@ -1,0 +1,1 @@
+"""The LightningModule (`diffusion_module`) and the backbones (`components`)."""

@@ -1,0 +1,2 @@
+"""Backbones. Every one is called as net(x, t, *, x_self_cond=None, class_labels=None) -> Tensor of
+shape (B, out_channels, H, W), with t a float tensor (B,) of (possibly fractional) timesteps."""

@@ -1,0 +1,5 @@
+"""User-facing errors: one clear line, no traceback (unless HYDRA_FULL_ERROR=1)."""
+
+
+class ConfigError(ValueError):
+    """A bad override or file: the message names the key and what is allowed."""
