@@ -14,13 +14,16 @@ Timestep index t = 0..T-1 holds the paper's t = 1..T. All tables are computed in
 as float64 buffers (they are small), so every formula is exact to float64 on any device.
 """
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.utils.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusion_lab.samplers import Sampler
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -173,13 +176,20 @@ class GaussianDiffusion(nn.Module):
             return F.mse_loss(prediction, target, reduction="none")
         return F.smooth_l1_loss(prediction, target, reduction="none")  # huber, delta = 1
 
-    def training_losses(self, net: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, **net_kwargs) -> Tensor:
-        """Per-sample loss w(t) * mean(loss(net(x_t, t), target)), target by objective (Ho et al. Alg. 1)."""
+    def training_losses(self, net: nn.Module, x0: Tensor, generator: torch.Generator, **net_kwargs) -> tuple[Tensor, Tensor]:
+        """Per-sample loss w(t) * mean(loss(net(x_t, t), target)) with t ~ U{0..T-1}, eps ~ N(0, I) drawn from
+        `generator` and the target set by the objective (Ho et al. Alg. 1). Returns (loss (B,), t (B,))."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         target = {"eps": noise, "x0": x0, "v": self.predict_v(x0, noise, t)}[self.objective]
-        prediction = net(x_t, t, **net_kwargs)
+        prediction = net(x_t, t.to(x0.dtype), **net_kwargs)
         per_sample = self.elementwise_loss(prediction.float(), target.float()).flatten(1).mean(1)
-        return per_sample * self.loss_weight(t).float()
+        return per_sample * self.loss_weight(t).float(), t
+
+    def output_channels(self, channels: int) -> int:
+        """How many channels the network must output for images of `channels` channels."""
+        return channels
 
     # Sampling -----------------------------------------------------------------------------------
 
@@ -199,3 +209,17 @@ class GaussianDiffusion(nn.Module):
             return DenoiserOutput(x0, eps)
 
         return denoise
+
+    def sample(
+        self,
+        net: nn.Module,
+        noise: Tensor,
+        sampler: "Sampler",
+        callback: Callable | None = None,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
+        **net_kwargs,
+    ) -> Tensor:
+        """x_0 in [-1, 1] (float32) from x_T = noise by the given sampler over this process's denoiser."""
+        denoiser = self.denoiser(net, clip_denoised=clip_denoised, **net_kwargs)
+        return sampler(denoiser, noise, self, callback=callback, generator=generator).float().clamp(-1, 1)
