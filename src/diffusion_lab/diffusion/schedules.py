@@ -9,7 +9,7 @@ import torch
 
 from diffusion_lab.utils.errors import ConfigError
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid", "dpm2015")
 
 
 def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -34,6 +34,15 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> t
     t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+def dpm2015_betas(timesteps: int, step1_beta: float = 1e-3) -> torch.Tensor:
+    """beta_t = m_t + (1 - m_t - 1e-5) / n_t, n_t evenly spaced from T down to 2, m_t = 1e-6 (+ step1_beta at
+    t = 1): each step destroys a fraction ~1/(T - t + 2) of the remaining signal (Sohl-Dickstein et al. 2015,
+    reference code `generate_beta_arr`, whose sigmoid(logit(1/n_t) + perturbation) is 1/n_t at zero perturbation)."""
+    min_beta = torch.full((timesteps,), 1e-6, dtype=torch.float64)
+    min_beta[0] += step1_beta
+    return min_beta + (1 - min_beta - 1e-5) / torch.linspace(timesteps, 2, timesteps, dtype=torch.float64)
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -62,6 +71,8 @@ def beta_schedule(
         raise ConfigError(f"schedule.timesteps={timesteps} must be an integer >= 1")
     if name == "cosine":
         betas = cosine_betas(timesteps, s=cosine_s)
+    elif name == "dpm2015":  # beta_start is the floor on beta_1 (the reference code's step1_beta)
+        betas = dpm2015_betas(timesteps, step1_beta=beta_start)
     else:
         if not 0 < beta_start <= beta_end < 1:
             raise ConfigError(
