@@ -1,0 +1,1 @@
+"""Training callbacks: EMA of the weights, sample media."""

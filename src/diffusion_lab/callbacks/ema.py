@@ -1,0 +1,45 @@
+"""EMA of the weights through Lightning's own WeightAveraging callback.
+
+Validation and the end-of-training weights use the average; checkpoints hold it under `state_dict` and the raw
+(trained) weights under `current_model_state`, and both survive resume (Lightning's WeightAveraging).
+"""
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import nn
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+class EMA(WeightAveraging):
+    """theta_ema <- d theta_ema + (1 - d) theta with d = decay, or with warmup d_n = min(decay, (1 + n) / (10 + n))
+    after n updates (the warmup of diffusers' EMAModel / TensorFlow's ExponentialMovingAverage num_updates)."""
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1):
+        if not 0 < decay < 1:
+            raise ConfigError(f"callbacks.ema.decay={decay} must be in (0, 1)")
+        if update_every_n_steps < 1:
+            raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
+        self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
+        super().__init__(multi_avg_fn=self._ema_update, use_buffers=True)
+
+    def _ema_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = int(num_averaged)
+        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    @property
+    def averaged_module(self) -> nn.Module | None:
+        """The LightningModule holding the averaged weights (None before fit starts)."""
+        return None if self._average_model is None else self._average_model.module
+
+
+def averaged_or_current(trainer, pl_module) -> nn.Module:
+    """The EMA copy of the LightningModule when an EMA callback runs, else the module itself."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA) and callback.averaged_module is not None:
+            return callback.averaged_module
+    return pl_module

@@ -1,0 +1,57 @@
+"""Every N training steps: a sample grid and a denoising GIF from the EMA weights, to the run folder and the logger."""
+
+from pathlib import Path
+
+from hydra.utils import instantiate
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion_lab.callbacks.ema import averaged_or_current
+from diffusion_lab.generate import generate
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.media import save_gif, save_grid
+
+
+class SampleMedia(Callback):
+    """Writes `<dirpath>/step_<k>.png` (a grid of `num_samples`) and `step_<k>.gif` every `every_n_steps`
+    optimizer steps and at the end of training, and logs them as `media/samples` and `media/trajectory`."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: dict | None = None,
+                 trajectory_samples: int = 8, seed: int = 0):
+        if every_n_steps < 1 or num_samples < 1:
+            raise ConfigError("callbacks.sample_media.every_n_steps and num_samples must be >= 1")
+        self.dirpath, self.every_n_steps, self.num_samples = Path(dirpath), every_n_steps, num_samples
+        self.sampler_cfg, self.trajectory_samples, self.seed = sampler, trajectory_samples, seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    @rank_zero_only
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_step = step = trainer.global_step
+        module = averaged_or_current(trainer, pl_module)
+        sampler = instantiate(self.sampler_cfg if self.sampler_cfg is not None else pl_module.run_config["sampler"])
+        data = pl_module.run_config["data"]
+        shape = (data["channels"], data["image_size"], data["image_size"])
+        labels = list(range(data["num_classes"])) if pl_module.conditional else None
+        out = generate(module.process, module.net, sampler, self.num_samples, self.num_samples, shape,
+                       seed=self.seed, class_labels=labels, trajectory_samples=self.trajectory_samples)
+        grid_path, gif_path = self.dirpath / f"step_{step:07d}.png", self.dirpath / f"step_{step:07d}.gif"
+        save_grid(out.samples, grid_path)
+        save_gif(out.trajectory, gif_path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({"media/samples": wandb.Image(str(grid_path)),
+                                       "media/trajectory": wandb.Video(str(gif_path), format="gif"),
+                                       "trainer/global_step": step})
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_images("media/samples", out.samples, step, dataformats="NHWC")

@@ -1,0 +1,66 @@
+"""Drawing samples from a trained model in batches: what `sample.py` and the training callbacks share."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.media import to_uint8
+
+
+@dataclass
+class Generated:
+    samples: np.ndarray  # uint8 (N, H, W, C)
+    trajectory: list[np.ndarray] = field(default_factory=list)  # frames of uint8 (k, H, W, C), noise to image
+
+
+@torch.no_grad()
+def generate(
+    process: nn.Module,
+    net: nn.Module,
+    sampler: Sampler,
+    num_samples: int,
+    batch_size: int,
+    shape: tuple[int, int, int],
+    seed: int = 0,
+    class_labels: list[int] | None = None,
+    trajectory_samples: int = 0,
+    trajectory_frames: int = 40,
+    progress: bool = False,
+    **sample_kwargs,
+) -> Generated:
+    """`num_samples` images from x_T ~ N(0, I), batch by batch, reproducible under `seed` (for a given batch size).
+    `class_labels` (cycled over the samples) condition a class-conditional model. The first `trajectory_samples`
+    samples also give about `trajectory_frames` frames of x_t from noise to image."""
+    device = next(net.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    was_training = net.training
+    net.eval()
+    batches, frames = [], []
+    starts = range(0, num_samples, batch_size)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=f"sampling {num_samples} with {sampler}")
+    for start in starts:
+        n = min(batch_size, num_samples - start)
+        noise = torch.randn((n, *shape), generator=generator, device=device)
+        kwargs = dict(sample_kwargs)
+        if class_labels:
+            labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
+            kwargs["class_labels"] = torch.tensor(labels, device=device)
+        callback = None
+        if start == 0 and trajectory_samples:
+            k = min(trajectory_samples, n)
+            every = max(1, sampler.steps // trajectory_frames)
+            frames.append(to_uint8(noise[:k]))
+
+            def callback(state, k=k, every=every):
+                if (state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1:
+                    frames.append(to_uint8(state["x"][:k]))
+
+        batches.append(to_uint8(process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)))
+    net.train(was_training)
+    return Generated(np.concatenate(batches), frames)

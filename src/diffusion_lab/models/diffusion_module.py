@@ -1,0 +1,60 @@
+"""`DiffusionModule`: the LightningModule that wraps a diffusion process and a backbone, and does nothing else."""
+
+from typing import Any, Callable
+
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from diffusion_lab.data.image_datamodule import step_seed
+
+
+class DiffusionModule(LightningModule):
+    """Trains `net` under `process`. Every random draw of a training step (timesteps, noise, ...) comes from a
+    generator seeded by (seed, rank, step), so each rank draws its own and a resumed run repeats exactly what an
+    uninterrupted one would have drawn. `run_config` (plain containers) is saved in every checkpoint, which is all
+    that sampling needs."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        process: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        seed: int = 0,
+        conditional: bool = False,
+        run_config: dict | None = None,
+    ):
+        super().__init__()
+        self.net, self.process = net, process
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.seed, self.conditional, self.run_config = seed, conditional, run_config or {}
+
+    def _generator(self, *purpose: int | str) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(step_seed(self.seed, *purpose))
+
+    def _losses(self, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        net_kwargs = {"class_labels": labels} if self.conditional else {}
+        return self.process.training_losses(self.net, images, generator, **net_kwargs)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        losses, t = self._losses(batch, self._generator(self.global_rank, self.global_step, "train"))
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # the same timesteps and noise at every validation, so val/loss curves compare like with like
+        losses, _ = self._losses(batch, self._generator(self.global_rank, batch_idx, "val"))
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=len(losses))
+
+    def configure_optimizers(self) -> dict:
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["config"] = self.run_config

@@ -1,0 +1,57 @@
+"""Checkpoints: saved atomically, loaded without running code (`torch.load(weights_only=True)`)."""
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import atomic_path
+
+WEIGHTS = ("ema", "raw")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save, to a temporary name renamed onto the target: an interrupted save never leaves a
+    half-written checkpoint in place of a good one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """A project checkpoint as plain containers and tensors; ConfigError if missing, truncated or foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} does not exist; give the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{key}={path} is not a readable checkpoint (truncated or not saved by torch): {first_line[:200]}") from error
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
+        raise ConfigError(f"{key}={path} is not a checkpoint of this project (no saved config); train one with train.py")
+    return checkpoint
+
+
+def model_weights(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
+    """The LightningModule state dict: the EMA weights ("ema", stored under `state_dict` by Lightning's
+    WeightAveraging) or the trained weights ("raw", under `current_model_state` when an EMA ran)."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "raw" and "current_model_state" in checkpoint:
+        return checkpoint["current_model_state"]
+    return checkpoint["state_dict"]
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix.` with the prefix removed (and any torch.compile `_orig_mod.` segment)."""
+    return {
+        name[len(prefix) + 1 :].replace("_orig_mod.", ""): value
+        for name, value in state_dict.items()
+        if name.startswith(prefix + ".")
+    }

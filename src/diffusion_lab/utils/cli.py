@@ -1,0 +1,39 @@
+"""Entry-point helpers: one clear error line instead of a traceback."""
+
+import functools
+import os
+import sys
+
+from hydra.errors import InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+from diffusion_lab.utils.errors import ConfigError
+
+
+def _user_error(error: BaseException) -> ConfigError | OmegaConfBaseException | None:
+    """The ConfigError (or config-resolution error) behind `error`, following Hydra's instantiate wrapping."""
+    while error is not None:
+        if isinstance(error, (ConfigError, OmegaConfBaseException)):
+            return error
+        error = error.__cause__ if isinstance(error, InstantiationException) else None
+    return None
+
+
+def one_line_errors(fn):
+    """Turn ConfigError (and config-resolution errors) into `error: <message>` on stderr and exit code 2.
+    HYDRA_FULL_ERROR=1 shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, OmegaConfBaseException, InstantiationException) as error:
+            user_error = _user_error(error)
+            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            text = str(user_error).strip()
+            message = " ".join(text.split()) if isinstance(user_error, ConfigError) else text.splitlines()[0]
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

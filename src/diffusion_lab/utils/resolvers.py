@@ -1,0 +1,22 @@
+"""OmegaConf resolvers the configs use."""
+
+import os
+
+from omegaconf import OmegaConf
+
+
+def wandb_mode() -> str:
+    """"online" when the user is logged in to W&B (API key in the environment or ~/.netrc), else "offline":
+    a fresh machine runs with no account and no prompt; `wandb sync` uploads later."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = os.path.expanduser("~/.netrc")
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+        os.path.isfile(netrc) and "api.wandb.ai" in open(netrc, encoding="utf-8", errors="ignore").read()
+    )
+    return "online" if logged_in else "offline"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wandb_mode"):
+        OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
