@@ -1,0 +1,151 @@
+"""`ImageDataModule`: train / validation / test splits of an image data set, scaled to [-1, 1]."""
+
+import hashlib
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from diffusion_lab.data import datasets
+from diffusion_lab.utils.errors import ConfigError
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
+
+
+def step_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of its parts (seed, rank, step, purpose): training randomness
+    drawn from it is the same whether or not a run was interrupted and resumed."""
+    digest = hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class UInt8ImageDataset(Dataset):
+    """(image scaled to [-1, 1], label) from uint8 images held in memory."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index].float() / 127.5 - 1, self.labels[index]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that is a pure function of (seed, epoch); after a resume it skips the samples the
+    interrupted run already trained on in that epoch. Lightning calls `set_epoch` each epoch."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch, self.skip = length, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(step_seed(self.seed, "shuffle", self.epoch))
+        order = torch.randperm(self.length, generator=generator)[self.skip :]
+        self.skip = 0
+        return iter(order.tolist())
+
+
+class ImageDataModule(LightningDataModule):
+    """Images scaled to [-1, 1] with labels. `val_size` images of the training set are held out for validation;
+    `test` is the data set's own test split. Random horizontal flips are drawn on the device after transfer,
+    from a seed that depends only on (seed, rank, step)."""
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str,
+        image_size: int,
+        channels: int,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        val_size: int = 1000,
+        num_classes: int = 10,
+        conditional: bool = False,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ConfigError(f"data.dataset={dataset!r} is not a data set; choose one of {', '.join(DATASETS)}")
+        for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"data.{key}={value} must be an integer >= {low}")
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels={channels} must be 1 or 3")
+        self.dataset, self.root, self.image_size, self.channels = dataset, root, image_size, channels
+        self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
+        self.val_size, self.num_classes, self.conditional, self.seed = val_size, num_classes, conditional, seed
+        self.pin_memory = pin_memory
+        self.train_set = self.val_set = self.test_set = None
+        self._train_sampler = None
+
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """The uint8 images (N, C, H, W) and labels of one split, checked against image_size and channels."""
+        if self.dataset == "folder":
+            images, labels = datasets.image_folder(self.root, train, self.image_size, self.channels)
+        else:
+            images, labels = getattr(datasets, self.dataset)(self.root, train)
+        if images.shape[1:] != (self.channels, self.image_size, self.image_size):
+            found = "x".join(map(str, images.shape[2:])) + f"x{images.shape[1]}"
+            raise ConfigError(
+                f"data set {self.dataset} has {found} images, but data.image_size={self.image_size} and "
+                f"data.channels={self.channels}; set them to match"
+            )
+        return images, labels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            images, labels = self.load_split(train=True)
+            if not 0 <= self.val_size < len(images):
+                raise ConfigError(f"data.val_size={self.val_size} must be in 0..{len(images) - 1}")
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
+            val, train = order[: self.val_size], order[self.val_size :]
+            self.train_set = UInt8ImageDataset(images[train], labels[train])
+            self.val_set = UInt8ImageDataset(images[val], labels[val])
+        if stage in ("test", None) and self.test_set is None:
+            self.test_set = UInt8ImageDataset(*self.load_split(train=False))
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.train_set) < self.batch_size:
+            raise ConfigError(f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images")
+        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        trainer = self.trainer
+        if trainer is not None and trainer.global_step > 0:
+            batches_per_epoch = len(self.train_set) // self.batch_size
+            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
+            self._train_sampler.skip = max(done, 0) * self.batch_size
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=self._train_sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        images, labels = batch
+        trainer = self.trainer
+        if self.random_flip and trainer is not None and trainer.training:
+            generator = torch.Generator(images.device).manual_seed(
+                step_seed(self.seed, trainer.global_rank, trainer.global_step, "flip")
+            )
+            flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images, labels
