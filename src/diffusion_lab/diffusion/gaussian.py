@@ -9,11 +9,13 @@ reverse process needs, written with the paper's symbols.
 | posterior_variance         | beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)  (Eq. 7) |
 | posterior_mean_coef1/2     | mu_tilde_t = coef1 * x_0 + coef2 * x_t                   (Eq. 7) |
 | snr                        | alpha_bar_t / (1 - alpha_bar_t)                          |
+| posterior_log_variance_clipped | log beta_tilde_t, with beta_tilde_1 replaced by beta_tilde_2 |
 
 Timestep index t = 0..T-1 holds the paper's t = 1..T. All tables are computed in float64 and kept
 as float64 buffers (they are small), so every formula is exact to float64 on any device.
 """
 
+import math
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from diffusion_lab.samplers import Sampler
 
 OBJECTIVES = ("eps", "x0", "v")
-LOSS_TYPES = ("l1", "l2", "huber")
+LOSS_TYPES = ("l1", "l2", "huber", "hybrid")
 LOSS_WEIGHTINGS = ("none", "min_snr", "trunc_snr")
 
 
@@ -40,7 +42,26 @@ class DenoiserOutput(NamedTuple):
 
     x0: Tensor  # predicted x_0 (clipped to [-1, 1] when asked; eps then recomputed from it)
     eps: Tensor  # predicted noise, consistent with x0: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps
-    log_variance: Tensor | None = None  # learned reverse log-variance, when the model has one
+    # learned variance (loss_type=hybrid): Improved DDPM's v, Sigma = exp(v log beta + (1 - v) log beta_tilde)
+    # (Nichol & Dhariwal 2021, Eq. 15), with beta, beta_tilde those of the step the sampler takes, so it holds
+    # for any spacing of the steps (their Sec. 4); None when the variance is fixed
+    variance_interp: Tensor | None = None
+
+
+def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
+    """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) elementwise, in nats."""
+    return 0.5 * (-1 + log_var2 - log_var1 + (log_var1 - log_var2).exp() + (mean1 - mean2) ** 2 * (-log_var2).exp())
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """log of the N(mean, e^log_var) mass of the 8-bit bin [x - 1/255, x + 1/255] of x in [-1, 1], the outer bins
+    reaching to -inf and +inf (Ho et al. 2020, Eq. 13), elementwise, in nats."""
+    inv_std = (-0.5 * log_var).exp()
+    upper, lower = (x - mean + 1 / 255) * inv_std, (x - mean - 1 / 255) * inv_std
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_survival_lower = torch.special.log_ndtr(-lower)
+    log_bin = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_bin))
 
 
 Denoiser = Callable[[Tensor, Tensor], DenoiserOutput]
@@ -51,6 +72,10 @@ class GaussianDiffusion(nn.Module):
 
     objective: what the network predicts: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps - sqrt(1-alpha_bar) x0
     (Salimans & Ho 2022). loss_weighting: per-timestep weight on the loss, see `loss_weight`.
+    loss_type=hybrid learns the reverse variance (Improved DDPM): the network outputs twice the image channels,
+    the second half being v of `DenoiserOutput.variance_interp` (as (v + 1) / 2), and the loss is
+    L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, lambda = 0.001), see `vlb_terms`.
+    cond_drop_prob: chance that a class label is replaced by the null class in training (Ho & Salimans 2022).
     """
 
     def __init__(
@@ -60,6 +85,8 @@ class GaussianDiffusion(nn.Module):
         loss_type: str = "l2",
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        vlb_weight: float = 0.001,
+        cond_drop_prob: float = 0.1,
     ):
         super().__init__()
         for key, value, allowed in (
@@ -71,14 +98,20 @@ class GaussianDiffusion(nn.Module):
                 raise ConfigError(f"process.{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
         self.objective, self.loss_type, self.loss_weighting = objective, loss_type, loss_weighting
         self.min_snr_gamma = min_snr_gamma
+        self.learn_variance = loss_type == "hybrid"
+        self.vlb_weight = vlb_weight
+        if not 0 <= cond_drop_prob <= 1:
+            raise ConfigError(f"process.cond_drop_prob={cond_drop_prob} must be a probability in [0, 1]")
+        self.cond_drop_prob = cond_drop_prob
 
         betas = betas.to(torch.float64)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
         if alphas_cumprod[-1] == 0 and objective == "eps":
+            # x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) and the eps weights snr^-1 divide by zero
             raise ConfigError(
-                "schedule.zero_terminal_snr=true makes alpha_bar_T = 0, where x_0 cannot be recovered from an "
-                "eps prediction; use process.objective=v (or x0)"
+                "process.objective=eps with schedule.zero_terminal_snr=true: alpha_bar_T = 0, where x_0 cannot be "
+                "recovered from an eps prediction; use process.objective=v (or x0)"
             )
         self.num_timesteps = len(betas)
         self.register_buffer("betas", betas, persistent=False)
@@ -169,44 +202,123 @@ class GaussianDiffusion(nn.Module):
         c = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.objective]
         return x0_weight / c
 
-    def elementwise_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        if self.loss_type == "l1":
+    @staticmethod
+    def elementwise_loss(prediction: Tensor, target: Tensor, loss_type: str) -> Tensor:
+        if loss_type == "l1":
             return F.l1_loss(prediction, target, reduction="none")
-        if self.loss_type == "l2":
+        if loss_type == "l2":
             return F.mse_loss(prediction, target, reduction="none")
         return F.smooth_l1_loss(prediction, target, reduction="none")  # huber, delta = 1
 
-    def training_losses(self, net: nn.Module, x0: Tensor, generator: torch.Generator, **net_kwargs) -> tuple[Tensor, Tensor]:
+    def training_losses(
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None, **net_kwargs
+    ) -> tuple[Tensor, Tensor]:
         """Per-sample loss w(t) * mean(loss(net(x_t, t), target)) with t ~ U{0..T-1}, eps ~ N(0, I) drawn from
-        `generator` and the target set by the objective (Ho et al. Alg. 1). Returns (loss (B,), t (B,))."""
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        `generator` and the target set by the objective (Ho et al. Alg. 1), plus vlb_weight * T * L_t for the
+        learned variance (loss_type=hybrid). Class labels are replaced by the null class `net.num_classes` with
+        probability cond_drop_prob. A self-conditioned net (`net.self_condition`) gets, with probability 1/2 per
+        batch, its own x_0 estimate (no gradient, clipped to [-1, 1]) as x_self_cond, else none (Chen et al. 2023,
+        "Analog Bits", Sec. 3). Returns (loss (B,), t (B,))."""
+        b, channels = x0.shape[0], x0.shape[1]
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
+        t_in = t.to(x0.dtype)
+        if class_labels is not None:
+            drop = torch.rand(b, generator=generator, device=x0.device) < self.cond_drop_prob
+            net_kwargs["class_labels"] = torch.where(drop, torch.full_like(class_labels, net.num_classes), class_labels)
+        if getattr(net, "self_condition", False):
+            if torch.rand((), generator=generator, device=x0.device) < 0.5:
+                with torch.no_grad():
+                    first = net(x_t, t_in, **net_kwargs)[:, :channels]
+                    alpha_bar = extract(self.alphas_cumprod, t, x0.ndim).to(x0.dtype)
+                    net_kwargs["x_self_cond"] = self.to_x0_eps(x_t, alpha_bar, first)[0].clamp(-1, 1)
         target = {"eps": noise, "x0": x0, "v": self.predict_v(x0, noise, t)}[self.objective]
-        prediction = net(x_t, t.to(x0.dtype), **net_kwargs)
-        per_sample = self.elementwise_loss(prediction.float(), target.float()).flatten(1).mean(1)
-        return per_sample * self.loss_weight(t).float(), t
+        output = net(x_t, t_in, **net_kwargs)
+        prediction = output[:, :channels]
+        loss_type = "l2" if self.learn_variance else self.loss_type
+        per_sample = self.elementwise_loss(prediction.float(), target.float(), loss_type).flatten(1).mean(1)
+        per_sample = per_sample * self.loss_weight(t).float()
+        if self.learn_variance:
+            vlb = self.vlb_terms(x0, x_t, t, prediction.detach(), output[:, channels:])
+            per_sample = per_sample + self.vlb_weight * self.num_timesteps * vlb.float()
+        return per_sample, t
+
+    def vlb_terms(self, x0: Tensor, x_t: Tensor, t: Tensor, prediction: Tensor, variance_output: Tensor) -> Tensor:
+        """L_t of the variational bound per sample, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+        for t > 0, -log p(x_0|x_1) (discretized Gaussian) at the first step (Ho et al. Eq. 5, 13; Nichol &
+        Dhariwal Eq. 4-6). Pass `prediction` detached so that L_vlb trains only the variance (their Sec. 3.1)."""
+        x0, x_t = x0.double(), x_t.double()
+        alpha_bar = extract(self.alphas_cumprod, t, x0.ndim)
+        x0_hat = self.to_x0_eps(x_t, alpha_bar, prediction.double())[0]
+        model_mean, _, _ = self.q_posterior(x0_hat, x_t, t)
+        frac = (variance_output.double() + 1) / 2
+        model_log_var = frac * extract(self.betas.log(), t, x0.ndim) + (1 - frac) * extract(
+            self.posterior_log_variance_clipped, t, x0.ndim
+        )
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(x0, model_mean, model_log_var).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2)
 
     def output_channels(self, channels: int) -> int:
-        """How many channels the network must output for images of `channels` channels."""
-        return channels
+        """How many channels the network must output for images of `channels` channels (twice as many with the
+        learned variance)."""
+        return 2 * channels if self.learn_variance else channels
 
     # Sampling -----------------------------------------------------------------------------------
 
-    def denoiser(self, net: nn.Module, clip_denoised: bool = True, **net_kwargs) -> Denoiser:
+    def denoiser(
+        self, net: nn.Module, clip_denoised: bool = True, guidance_scale: float = 1.0, **net_kwargs
+    ) -> Denoiser:
         """A function (x_t, t) -> DenoiserOutput over the network. x_t may be float64 (samplers compute in
         float64); the network runs in its own dtype. t may be fractional (see `alpha_bar_at`).
-        Clipping x_0 to [-1, 1] recomputes eps from the clipped x_0."""
+        Clipping x_0 to [-1, 1] recomputes eps from the clipped x_0.
+
+        Classifier-free guidance (Ho & Salimans 2022, Eq. 6): with class_labels and guidance_scale w != 1, one
+        forward over the batch twice, conditional then null-class half, gives eps_u + w (eps_c - eps_u)
+        (w = 1: conditional, w = 0: unconditional). Guiding the raw output is the same for every objective, as
+        eps, x0 and v are affine in it with weights summing to one; a learned variance comes from the
+        conditional half.
+
+        Self-conditioning: samplers are stateless functions, so the state lives here. For a net with
+        `self_condition`, the returned function remembers the x_0 of its last call and feeds it as x_self_cond
+        to the next call (none on the first): build a fresh denoiser for every sampling run."""
+        class_labels = net_kwargs.pop("class_labels", None)
+        if guidance_scale != 1 and class_labels is None:
+            raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels (a class-conditional model)")
+        self_condition = getattr(net, "self_condition", False)
+        state = {"x0": None}  # the previous x_0 estimate, for self-conditioning
+
+        def network(x_t: Tensor, t: Tensor) -> Tensor:
+            kwargs = dict(net_kwargs)
+            if self_condition:
+                kwargs["x_self_cond"] = state["x0"]
+            if guidance_scale == 1:
+                if class_labels is not None:
+                    kwargs["class_labels"] = class_labels
+                return net(x_t, t, **kwargs)
+            kwargs["class_labels"] = torch.cat([class_labels, torch.full_like(class_labels, net.num_classes)])
+            if kwargs.get("x_self_cond") is not None:
+                kwargs["x_self_cond"] = torch.cat([kwargs["x_self_cond"]] * 2)
+            cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), **kwargs).chunk(2)
+            c = x_t.shape[1]
+            guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
+            return torch.cat([guided, cond[:, c:]], dim=1)
 
         def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
             param = next(net.parameters())
-            model_output = net(x_t.to(param.dtype), t.to(param.dtype), **net_kwargs).to(x_t.dtype)
+            output = network(x_t.to(param.dtype), t.to(param.dtype)).to(x_t.dtype)
+            c = x_t.shape[1]
             alpha_bar = self.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-            x0, eps = self.to_x0_eps(x_t, alpha_bar, model_output)
+            x0, eps = self.to_x0_eps(x_t, alpha_bar, output[:, :c])
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
                 eps = self.eps_from_x0(x_t, alpha_bar, x0)
-            return DenoiserOutput(x0, eps)
+            if self_condition:
+                state["x0"] = x0.to(param.dtype)
+            variance_interp = (output[:, c:] + 1) / 2 if self.learn_variance else None
+            return DenoiserOutput(x0, eps, variance_interp)
 
         return denoise
 
@@ -218,8 +330,10 @@ class GaussianDiffusion(nn.Module):
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
         clip_denoised: bool = True,
+        guidance_scale: float = 1.0,
         **net_kwargs,
     ) -> Tensor:
-        """x_0 in [-1, 1] (float32) from x_T = noise by the given sampler over this process's denoiser."""
-        denoiser = self.denoiser(net, clip_denoised=clip_denoised, **net_kwargs)
+        """x_0 in [-1, 1] (float32) from x_T = noise by the given sampler over a fresh denoiser of this process
+        (net_kwargs: class_labels for a class-conditional net)."""
+        denoiser = self.denoiser(net, clip_denoised=clip_denoised, guidance_scale=guidance_scale, **net_kwargs)
         return sampler(denoiser, noise, self, callback=callback, generator=generator).float().clamp(-1, 1)

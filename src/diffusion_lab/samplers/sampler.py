@@ -30,9 +30,14 @@ class Sampler:
             raise ConfigError(f"sampler.steps={steps} must be an integer >= 1")
         self.algorithm, self.steps, self.spacing, self.options = algorithm, steps, spacing, options
 
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per sample (heun: two a step but one on the last)."""
+        return 2 * self.steps - 1 if self.algorithm == "heun" else self.steps
+
     def schedule(self, process: GaussianDiffusion) -> tuple[Tensor, Tensor]:
         """(timesteps, alpha_bars): the steps to visit and their alpha_bar, with alpha_bar = 1 appended."""
-        timesteps = timesteps_for(self.spacing, process.num_timesteps, self.steps).to(process.alphas_cumprod.device)
+        timesteps = timesteps_for(self.spacing, process.alphas_cumprod, self.steps)
         alpha_bars = torch.cat([process.alpha_bar_at(timesteps), timesteps.new_ones(1)])
         return timesteps, alpha_bars
 

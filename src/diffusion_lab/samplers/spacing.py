@@ -1,14 +1,16 @@
-"""Which timesteps a sampler visits: pure functions from (T, steps) to a descending list of timesteps.
+"""Which timesteps a sampler visits: pure functions from the schedule and a step count to a descending list of
+timesteps, possibly fractional (`GaussianDiffusion.alpha_bar_at` interpolates log sigma between integer steps).
 
 Timestep index t = 0..T-1 holds the paper's t = 1..T; every sampler ends by stepping to alpha_bar = 1.
-Definitions follow diffusers' `timestep_spacing` (Lin et al. 2024, Table 2).
+uniform, leading and trailing follow diffusers' `timestep_spacing` "linspace", "leading", "trailing" (Lin et al.
+2024, Table 2); quadratic is the DDIM paper's (Song et al. 2021, App. D.2); karras is Karras et al. 2022, Eq. 5.
 """
 
 import torch
 
 from diffusion_lab.utils.errors import ConfigError
 
-SPACINGS = ("uniform", "leading", "trailing")
+SPACINGS = ("uniform", "leading", "trailing", "quadratic", "karras")
 
 
 def uniform_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
@@ -26,12 +28,41 @@ def trailing_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     return (torch.arange(num_timesteps, 0, -num_timesteps / steps, dtype=torch.float64).round() - 1)[:steps]
 
 
-def timesteps_for(spacing: str, num_timesteps: int, steps: int) -> torch.Tensor:
-    """The descending timesteps of the named spacing, float64, shape (steps,)."""
+def quadratic_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
+    """(T-1) * (i / (steps-1))^2, i = steps-1..0: dense near the data. Kept fractional (the DDIM paper rounds,
+    which repeats timesteps once steps^2 > T)."""
+    return (num_timesteps - 1) * torch.linspace(0, 1, steps, dtype=torch.float64).flip(0) ** 2
+
+
+def karras_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """sigma_i = (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho between the
+    schedule's sigma_min = sigma(0) and sigma_max = sigma(T-1) (Karras et al. 2022, Eq. 5), each mapped to the
+    fractional timestep where log sigma, interpolated linearly between integer steps, equals it."""
+    log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod) - alphas_cumprod.clamp(min=2.0**-24).log())
+    sigma_min, sigma_max = log_sigmas[0].exp(), log_sigmas[-1].exp()
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64, device=alphas_cumprod.device)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    target = sigmas.log()
+    low = (torch.searchsorted(log_sigmas, target, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    w = ((target - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
+    return low + w
+
+
+def timesteps_for(spacing: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """The descending timesteps of the named spacing over a schedule of len(alphas_cumprod) steps, float64."""
     if spacing not in SPACINGS:
         raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing; choose one of {', '.join(SPACINGS)}")
+    num_timesteps = len(alphas_cumprod)
     if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ConfigError(f"sampler.steps={steps} must be an integer in 1..{num_timesteps} (the schedule's timesteps)")
-    return {"uniform": uniform_timesteps, "leading": leading_timesteps, "trailing": trailing_timesteps}[spacing](
-        num_timesteps, steps
-    )
+    if spacing in ("quadratic", "karras") and steps < 2:
+        raise ConfigError(f"sampler.spacing={spacing} needs sampler.steps >= 2")
+    if spacing == "karras":
+        return karras_timesteps(alphas_cumprod.to(torch.float64), steps)
+    spaced = {
+        "uniform": uniform_timesteps,
+        "leading": leading_timesteps,
+        "trailing": trailing_timesteps,
+        "quadratic": quadratic_timesteps,
+    }[spacing]
+    return spaced(num_timesteps, steps).to(alphas_cumprod.device)

@@ -1,0 +1,119 @@
+"""Each sampler against the diffusers scheduler with the same discretization: identical schedule, inputs, fixed
+random network and noise; max abs difference < 1e-5 in float64, for one step and a short full trajectory."""
+
+import inspect
+
+import diffusers
+import pytest
+import torch
+from toy_models import TinyNet
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.schedules import beta_schedule
+from diffusion_lab.samplers import Sampler
+
+T, STEPS, TOL = 40, 8, 1e-5  # T % STEPS == 0: diffusers DDIM takes prev = t - T // STEPS, not the next listed step
+PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def make_scheduler(cls, process: GaussianDiffusion, **config):
+    """A diffusers scheduler over our betas, with its float32 tables replaced by our float64 ones."""
+    scheduler = cls(num_train_timesteps=T, trained_betas=process.betas.numpy(), **config)
+    scheduler.betas = process.betas.clone()
+    scheduler.alphas = 1 - process.betas
+    scheduler.alphas_cumprod = process.alphas_cumprod.clone()
+    return scheduler
+
+
+def run_diffusers(scheduler, net, process, noise, steps, generator, first_only=False, **step_kwargs):
+    """The standard diffusers loop, started from our x_T = noise (in the scheduler's scaling)."""
+    scheduler.set_timesteps(steps)
+    if hasattr(scheduler, "sigmas"):
+        scheduler.sigmas = scheduler.sigmas.double()
+    # our x_T = noise is x / sqrt(alpha_bar) in the sigma (VE) samplers' variable
+    sigma_max = scheduler.sigmas[0].double() if hasattr(scheduler, "sigmas") else None
+    x = noise * (1 + sigma_max**2).sqrt() if scheduler.init_noise_sigma != 1 else noise.clone()
+    for t in scheduler.timesteps:
+        model_output = net(scheduler.scale_model_input(x, t), t.double().expand(x.shape[0]))
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        if first_only and getattr(scheduler, "state_in_first_order", True):  # Heun: after its 2nd evaluation
+            return x
+    return x
+
+
+def run_ours(sampler, net, process, noise, generator, clip_denoised, first_only=False):
+    first = []
+    callback = (lambda info: first.append(info["x"])) if first_only else None
+    x = sampler(process.denoiser(net, clip_denoised=clip_denoised), noise, process, callback=callback,
+                generator=generator)
+    return first[0] if first_only else x
+
+
+def sigma_scaled_first_step(sampler, x, process):
+    """The VE samplers' state after one step is x / sqrt(alpha_bar) of ours."""
+    _, alpha_bars = sampler.schedule(process)
+    return x / alpha_bars[1].sqrt()
+
+
+CASES = [
+    # (name, our sampler, diffusers class and config, step kwargs, clip)
+    ("ddpm_beta_tilde", Sampler("ddpm", STEPS, "uniform", variance="beta_tilde"), diffusers.DDPMScheduler,
+     {"variance_type": "fixed_small", "timestep_spacing": "linspace"}, {}, True),
+    ("ddpm_beta", Sampler("ddpm", STEPS, "uniform", variance="beta"), diffusers.DDPMScheduler,
+     {"variance_type": "fixed_large", "timestep_spacing": "linspace", "clip_sample": False}, {}, False),
+    ("ddim_leading", Sampler("ddim", STEPS, "leading"), diffusers.DDIMScheduler,
+     {"timestep_spacing": "leading"}, {"eta": 0.0, "use_clipped_model_output": True}, True),
+    ("ddim_trailing_eta", Sampler("ddim", STEPS, "trailing", eta=0.7), diffusers.DDIMScheduler,
+     {"timestep_spacing": "trailing"}, {"eta": 0.7, "use_clipped_model_output": True}, True),
+    ("dpm_solver_pp_2", Sampler("dpm_solver_pp", STEPS, "trailing", order=2), diffusers.DPMSolverMultistepScheduler,
+     {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}, {}, False),
+    ("dpm_solver_pp_3", Sampler("dpm_solver_pp", STEPS, "trailing", order=3), diffusers.DPMSolverMultistepScheduler,
+     {"algorithm_type": "dpmsolver++", "solver_order": 3, "timestep_spacing": "trailing"}, {}, False),
+    ("dpm_solver_pp_3_no_lof", Sampler("dpm_solver_pp", STEPS, "trailing", order=3, lower_order_final=False),
+     diffusers.DPMSolverMultistepScheduler,
+     {"algorithm_type": "dpmsolver++", "solver_order": 3, "timestep_spacing": "trailing",
+      "lower_order_final": False}, {}, False),
+    ("unipc_2", Sampler("unipc", STEPS, "trailing", order=2), diffusers.UniPCMultistepScheduler,
+     {"solver_type": "bh2", "solver_order": 2, "timestep_spacing": "trailing"}, {}, False),
+    ("unipc_3", Sampler("unipc", STEPS, "trailing", order=3), diffusers.UniPCMultistepScheduler,
+     {"solver_type": "bh2", "solver_order": 3, "timestep_spacing": "trailing"}, {}, False),
+    ("heun_karras", Sampler("heun", STEPS, "karras"), diffusers.HeunDiscreteScheduler,
+     {"use_karras_sigmas": True, "timestep_spacing": "linspace"}, {}, False),
+    ("euler_ancestral_leading", Sampler("euler_ancestral", STEPS, "leading"), diffusers.EulerAncestralDiscreteScheduler,
+     {"timestep_spacing": "leading"}, {}, False),
+    ("euler_ancestral_trailing", Sampler("euler_ancestral", STEPS, "trailing"),
+     diffusers.EulerAncestralDiscreteScheduler, {"timestep_spacing": "trailing"}, {}, False),
+]
+
+
+@pytest.mark.parametrize("objective", ["eps", "v"])
+@pytest.mark.parametrize("name, sampler, cls, config, step_kwargs, clip", CASES, ids=[c[0] for c in CASES])
+def test_matches_diffusers(name, sampler, cls, config, step_kwargs, clip, objective):
+    process = GaussianDiffusion(beta_schedule("linear", T, beta_start=1e-3, beta_end=0.2), objective=objective)
+    net = TinyNet(channels=2)
+    noise = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    config = {"prediction_type": PREDICTION_TYPE[objective], **config}
+    if "clip_sample" in cls.__init__.__code__.co_varnames and "clip_sample" not in config:
+        config["clip_sample"] = clip
+    sigma_space = cls in (diffusers.HeunDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)
+    for first_only in (True, False):
+        theirs = run_diffusers(make_scheduler(cls, process, **config), net, process, noise, STEPS,
+                               torch.Generator().manual_seed(2), first_only=first_only, **step_kwargs)
+        ours = run_ours(sampler, net, process, noise, torch.Generator().manual_seed(2), clip, first_only=first_only)
+        if first_only and sigma_space:
+            ours = sigma_scaled_first_step(sampler, ours, process)
+        assert (ours - theirs).abs().max() < TOL, (first_only, (ours - theirs).abs().max().item())
+
+
+def test_learned_variance_matches_diffusers_learned_range():
+    """DDPM with the network's interpolated variance (Improved DDPM) over respaced steps."""
+    process = GaussianDiffusion(beta_schedule("cosine", T), loss_type="hybrid")
+    net = TinyNet(channels=2, out_channels=process.output_channels(2))
+    noise = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scheduler = make_scheduler(diffusers.DDPMScheduler, process, variance_type="learned_range",
+                               timestep_spacing="linspace", clip_sample=True)
+    theirs = run_diffusers(scheduler, net, process, noise, STEPS, torch.Generator().manual_seed(2))
+    ours = run_ours(Sampler("ddpm", STEPS, "uniform"), net, process, noise, torch.Generator().manual_seed(2), True)
+    assert (ours - theirs).abs().max() < TOL
