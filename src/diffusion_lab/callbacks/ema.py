@@ -26,7 +26,10 @@ class EMA(WeightAveraging):
     def _ema_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         n = int(num_averaged)
         decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        torch._foreach_lerp_(averaged, current, 1 - decay)
+        if averaged[0].is_floating_point():  # called once per (device, dtype) group
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) are copied
+            torch._foreach_copy_(averaged, current)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
