@@ -37,6 +37,13 @@ def extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     return table[t].reshape(-1, *([1] * (ndim - 1)))
 
 
+def log_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """log sigma_t = 0.5 log((1 - alpha_bar_t) / alpha_bar_t), alpha_bar clamped at 2^-24 so that a zero-terminal-SNR
+    schedule keeps a finite sigma_max (as diffusers does, Lin et al. 2024)."""
+    alphas_cumprod = alphas_cumprod.to(torch.float64)
+    return 0.5 * (torch.log1p(-alphas_cumprod) - alphas_cumprod.clamp(min=2.0**-24).log())
+
+
 class DenoiserOutput(NamedTuple):
     """What a sampler gets back from one network evaluation at (x_t, t)."""
 
@@ -179,13 +186,14 @@ class GaussianDiffusion(nn.Module):
 
     def alpha_bar_at(self, t: Tensor) -> Tensor:
         """alpha_bar at a possibly fractional timestep: log sigma, sigma = sqrt((1-alpha_bar)/alpha_bar),
-        interpolated linearly between integer steps (as k-diffusion's DiscreteSchedule); exact at integers."""
+        interpolated linearly between integer steps (as k-diffusion's DiscreteSchedule); exact at integers.
+        See `log_sigmas` for the zero-terminal-SNR end."""
         t = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
         low = t.floor().long()
         high = t.ceil().long()
         w = t - low
-        log_sigmas = 0.5 * (torch.log1p(-self.alphas_cumprod) - torch.log(self.alphas_cumprod))
-        log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[high]
+        table = log_sigmas(self.alphas_cumprod)
+        log_sigma = (1 - w) * table[low] + w * table[high]
         return torch.where(w == 0, self.alphas_cumprod[low], torch.sigmoid(-2 * log_sigma))
 
     # Training -----------------------------------------------------------------------------------

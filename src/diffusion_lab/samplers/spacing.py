@@ -8,6 +8,7 @@ uniform, leading and trailing follow diffusers' `timestep_spacing` "linspace", "
 
 import torch
 
+from diffusion_lab.diffusion.gaussian import log_sigmas
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("uniform", "leading", "trailing", "quadratic", "karras")
@@ -38,14 +39,16 @@ def karras_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0)
     """sigma_i = (sigma_max^(1/rho) + i/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho between the
     schedule's sigma_min = sigma(0) and sigma_max = sigma(T-1) (Karras et al. 2022, Eq. 5), each mapped to the
     fractional timestep where log sigma, interpolated linearly between integer steps, equals it."""
-    log_sigmas = 0.5 * (torch.log1p(-alphas_cumprod) - alphas_cumprod.clamp(min=2.0**-24).log())
-    sigma_min, sigma_max = log_sigmas[0].exp(), log_sigmas[-1].exp()
+    table = log_sigmas(alphas_cumprod)
+    sigma_min, sigma_max = table[0].exp(), table[-1].exp()
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64, device=alphas_cumprod.device)
     sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     target = sigmas.log()
-    low = (torch.searchsorted(log_sigmas, target, right=True) - 1).clamp(0, len(log_sigmas) - 2)
-    w = ((target - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])).clamp(0, 1)
-    return low + w
+    low = (torch.searchsorted(table, target, right=True) - 1).clamp(0, len(table) - 2)
+    w = ((target - table[low]) / (table[low + 1] - table[low])).clamp(0, 1)
+    timesteps = low + w
+    timesteps[0], timesteps[-1] = len(table) - 1, 0  # the ends exactly, free of rounding in the power rho
+    return timesteps
 
 
 def timesteps_for(spacing: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
