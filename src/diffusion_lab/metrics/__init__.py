@@ -1,0 +1,2 @@
+"""Sample-quality and likelihood metrics: feature extractors, FID / KID / precision-recall over cached real
+features, and the variational bound in bits/dim."""

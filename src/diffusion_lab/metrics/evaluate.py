@@ -1,0 +1,93 @@
+"""Scores of generated images and the likelihood bound of a model, each written with its protocol: what was
+compared with what, by which extractor (and the hash of its weights), how the samples were drawn."""
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.metrics.extractors import build_extractor
+from diffusion_lab.metrics.nll import variational_bound
+from diffusion_lab.metrics.real_features import real_features
+from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
+from diffusion_lab.utils.errors import ConfigError
+
+REAL_SPLITS = ("train", "val", "test")
+
+
+def split_images(datamodule: Any, split: str) -> tuple[Tensor, Tensor]:
+    """uint8 images (N, C, H, W) and labels of one split of an `ImageDataModule`."""
+    if split not in REAL_SPLITS:
+        raise ConfigError(f"metrics.real_split={split!r} is not a split; choose one of {', '.join(REAL_SPLITS)}")
+    datamodule.setup("test" if split == "test" else "fit")
+    dataset = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}[split]
+    return dataset.images, dataset.labels
+
+
+def data_split(data_config: Mapping, split: str) -> tuple[Tensor, Tensor]:
+    """`split_images` of the data module a (saved) data config describes."""
+    return split_images(instantiate(dict(data_config)), split)
+
+
+def extractor_from(options: Mapping) -> nn.Module:
+    return build_extractor(options["extractor"], options.get("weights_path"), options.get("classifier_path"))
+
+
+def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device: torch.device, seed: int = 0) -> dict:
+    """FID / KID / precision-recall (those of SAMPLE_METRICS present as keys of `options`) of uint8 samples
+    (N, C, H, W) against `real_images`, every sample scored once; the scores and their protocol."""
+    names = tuple(name for name in SAMPLE_METRICS if name in options)
+    extractor = extractor_from(options)
+    real = real_features(extractor, real_images, Path(options["cache_dir"]).expanduser(), options["batch_size"], device)
+    kid = options.get("kid") or {}
+    prec_recall = options.get("prec_recall") or {}
+    scores = SampleScores(extractor, names, kid.get("subsets", 100), kid.get("subset_size", 1000), prec_recall.get("k", 3))
+    scores = scores.to(device)
+    scores.add_real(real.features)
+    for batch in samples.split(options["batch_size"]):
+        scores.update(batch)
+    protocol = {
+        "num_samples": len(samples),
+        "real_split": options["real_split"],
+        "real_size": len(real_images),
+        "real_data_hash": real.data_hash,
+        "extractor": extractor.name,
+        "extractor_hash": real.extractor_hash,
+    }
+    return {**scores.compute(seed), "protocol": protocol}
+
+
+def nll_bits_per_dim(
+    process: nn.Module,
+    net: nn.Module,
+    images: Tensor,
+    options: Mapping,
+    device: torch.device,
+    seed: int = 0,
+    labels: Tensor | None = None,
+) -> dict:
+    """Mean (and standard error) over `images` (uint8) of the variational bound in bits/dim, with its protocol."""
+    if not isinstance(process, GaussianDiffusion):
+        raise ConfigError(f"metrics=[nll] is the bound of Gaussian (DDPM-family) processes; this model's process is {type(process).__name__}")
+    nll = options["nll"]
+    generator = torch.Generator(device).manual_seed(seed)
+    totals = []
+    for start in range(0, len(images), options["batch_size"]):
+        x0 = images[start : start + options["batch_size"]].to(device).double() / 127.5 - 1
+        net_kwargs = {} if labels is None else {"class_labels": labels[start : start + len(x0)].to(device)}
+        bound = variational_bound(process, net, x0, generator, nll["variance"], nll["clip_denoised"], **net_kwargs)
+        totals.append(bound.total.cpu())
+    totals = torch.cat(totals)
+    protocol = {
+        "num_images": len(images),
+        "real_split": options["real_split"],
+        "timesteps": process.num_timesteps,
+        "variance": nll["variance"],
+        "clip_denoised": nll["clip_denoised"],
+        "seed": seed,
+    }
+    standard_error = float(totals.std() / len(totals) ** 0.5) if len(totals) > 1 else float("nan")
+    return {"nll_bpd": float(totals.mean()), "nll_bpd_stderr": standard_error, "protocol": protocol}

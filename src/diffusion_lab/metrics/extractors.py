@@ -1,0 +1,96 @@
+"""Feature extractors for FID / KID / precision-recall: uint8 images (B, C, H, W) -> features (B, D).
+
+- `inception`: the 2048-d pool features of the FID Inception-v3 (Heusel et al. 2017), torch-fidelity's port of
+  the TensorFlow graph as torchmetrics uses it; grayscale is repeated to 3 channels.
+- `classifier`: the penultimate pre-activation features of the project's own classifier trained on the data
+  set (`python train.py experiment=feature_classifier`), for scoring with no download.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_lab.utils.errors import ConfigError
+
+EXTRACTORS = ("inception", "classifier")
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 (first 16 hex digits) over the module's state dict, names and values, in a fixed order."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class InceptionFeatures(nn.Module):
+    """FID Inception-v3 pool features (2048-d); weights from `weights_path`, else torch-fidelity's download."""
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise ConfigError(f"metrics.weights_path={weights_path} is not a file; download {INCEPTION_URL} there")
+        try:
+            self.inception = NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+            )
+        except OSError as error:  # the download failed (offline machine)
+            raise ConfigError(
+                f"the Inception weights could not be downloaded ({type(error).__name__}); fetch {INCEPTION_URL} on a "
+                "machine with internet and pass metrics.weights_path=<file>, or use metrics.extractor=classifier"
+            ) from error
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        return self.inception(images)
+
+
+class ClassifierFeatures(nn.Module):
+    """Penultimate pre-activation features of a `FeatureClassifier` checkpoint (images scaled to [-1, 1])."""
+
+    name = "classifier"
+
+    def __init__(self, checkpoint_path: str):
+        super().__init__()
+        from diffusion_lab.models.feature_classifier import ClassifierNet
+        from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
+
+        if checkpoint_path is None:
+            raise ConfigError(
+                "metrics.classifier_path=null; train a classifier with `python train.py experiment=feature_classifier "
+                "data=<data set>` and pass its checkpoint"
+            )
+        checkpoint = load_checkpoint(checkpoint_path, key="metrics.classifier_path")
+        if "feature_classifier" not in checkpoint:
+            raise ConfigError(f"metrics.classifier_path={checkpoint_path} is not a feature_classifier checkpoint")
+        record = checkpoint["feature_classifier"]
+        self.net = ClassifierNet(**record["net"])
+        self.net.load_state_dict(submodule_state(checkpoint["state_dict"], "net"))
+        self.net.eval().requires_grad_(False)
+        self.test_accuracy = record["test_accuracy"]
+        self.num_features = self.net.feature_dim
+
+    def train(self, mode: bool = True) -> "ClassifierFeatures":
+        return super().train(False)  # never leaves evaluation mode (BatchNorm statistics stay fixed)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net.features(images.float() / 127.5 - 1)
+
+
+def build_extractor(extractor: str, weights_path: str | None = None, classifier_path: str | None = None) -> nn.Module:
+    """The extractor named by `metrics.extractor`."""
+    if extractor == "inception":
+        return InceptionFeatures(weights_path)
+    if extractor == "classifier":
+        return ClassifierFeatures(classifier_path)
+    raise ConfigError(f"metrics.extractor={extractor!r} is not an extractor; choose one of {', '.join(EXTRACTORS)}")
