@@ -1,13 +1,19 @@
 """`train(cfg)`: build data, process, backbone, callbacks, loggers and trainer from a composed config, then fit."""
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from diffusion_lab.builders import build_net, build_process
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
@@ -22,8 +28,17 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
-def check_resume(cfg: DictConfig) -> None:
-    """A resume checkpoint must exist, be readable and hold the same network as this run."""
+def resolve_ckpt_path(cfg: DictConfig) -> None:
+    """ckpt_path=auto: resume in place from `<output_dir>/checkpoints/last.ckpt` when it exists (a requeued or
+    restarted job), else start fresh."""
+    if cfg.get("ckpt_path") == "auto":
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last) if last.is_file() else None
+
+
+def check_resume(cfg: DictConfig) -> dict[str, Any]:
+    """A resume checkpoint must exist, be readable and hold the same network as this run; returns it."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
     saved_model = checkpoint["config"].get("model", {})
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -32,6 +47,44 @@ def check_resume(cfg: DictConfig) -> None:
             f"ckpt_path={cfg.ckpt_path} holds model {saved_model.get('_target_', '?')} {saved_model}, but this run's model is "
             f"{model}; resume with the same model overrides"
         )
+    return checkpoint
+
+
+def configure_wandb(cfg: DictConfig, resumed: dict[str, Any] | None) -> None:
+    """Fix the W&B run id before anything is saved, so every checkpoint's config carries it and a resumed run
+    continues the same dashboard run; jobs of one multirun are grouped by the sweep folder's name."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if not wandb_cfg:
+        return
+    saved = ((resumed or {}).get("config", {}).get("logger") or {}).get("wandb") or {}
+    with open_dict(cfg):
+        if wandb_cfg.id is None:
+            from wandb.util import generate_id
+
+            wandb_cfg.id = saved.get("id") or generate_id()
+        if not wandb_cfg.get("group") and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            wandb_cfg.group = Path(HydraConfig.get().sweep.dir).name
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"dim": 28}} -> {"model.dim": 28}: dashboards filter and group runs by any hyperparameter."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def compile_net(net: nn.Module) -> nn.Module:
+    """`compile=true`: torch.compile the backbone in place (`nn.Module.compile`, so state-dict keys gain no
+    `_orig_mod.` prefix and checkpoints load uncompiled); where TorchDynamo is unsupported, one warning and eager."""
+    if not torch._dynamo.is_dynamo_supported():
+        warnings.warn("compile=true: torch.compile is not supported on this platform; training uncompiled", stacklevel=2)
+        return net
+    net.compile()
+    return net
 
 
 def write_resolved_config(cfg: DictConfig, output_dir: str) -> None:
@@ -45,14 +98,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if HydraConfig.initialized():
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    write_resolved_config(cfg, cfg.paths.output_dir)
+    resolve_ckpt_path(cfg)
+    resumed = check_resume(cfg) if cfg.get("ckpt_path") else None
+    configure_wandb(cfg, resumed)
+    rank_zero_only(write_resolved_config)(cfg, cfg.paths.output_dir)  # DDP ranks > 0 share rank 0's run folder
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("ckpt_path"):
-        check_resume(cfg)
 
     datamodule = instantiate(cfg.data)
     process = build_process(cfg)
     net = build_net(cfg, process)
+    if cfg.get("compile"):
+        net = compile_net(net)
     module = instantiate(cfg.module, _partial_=True)(
         net=net,
         process=process,
@@ -66,8 +122,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers: list[Logger] = instantiate_group(cfg.get("logger"))
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        if any(isinstance(logger, WandbLogger) for logger in loggers):
+            import wandb
+
+            wandb.finish()  # each multirun job is its own W&B run, finished before the next job starts
     metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     return metrics, {"cfg": cfg, "datamodule": datamodule, "module": module, "trainer": trainer}

@@ -5,7 +5,7 @@ import hashlib
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from diffusion_lab.data import datasets
 from diffusion_lab.utils.errors import ConfigError
@@ -33,24 +33,22 @@ class UInt8ImageDataset(Dataset):
         return self.images[index].float() / 127.5 - 1, self.labels[index]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that is a pure function of (seed, epoch); after a resume it skips the samples the
-    interrupted run already trained on in that epoch. Lightning calls `set_epoch` each epoch."""
+class EpochShuffleSampler(DistributedSampler):
+    """A random permutation that is a pure function of (seed, epoch), cut to a multiple of `num_replicas` and dealt
+    round-robin: `rank` takes every num_replicas-th index (DistributedSampler's sharding; being one, Lightning does
+    not wrap it). After a resume it skips the `skip` samples this rank already trained on in that epoch. Lightning
+    calls `set_epoch` each epoch."""
 
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch, self.skip = length, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(step_seed(self.seed, "shuffle", self.epoch))
-        order = torch.randperm(self.length, generator=generator)[self.skip :]
+        order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
+        shard = order[self.rank : self.total_size : self.num_replicas][self.skip :]
         self.skip = 0
-        return iter(order.tolist())
+        return iter(shard.tolist())
 
 
 class ImageDataModule(LightningDataModule):
@@ -117,10 +115,11 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if len(self.train_set) < self.batch_size:
             raise ConfigError(f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images")
-        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.seed)
         trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.seed, world_size, rank)
         if trainer is not None and trainer.global_step > 0:
-            batches_per_epoch = len(self.train_set) // self.batch_size
+            batches_per_epoch = len(self._train_sampler) // self.batch_size
             done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
             self._train_sampler.skip = max(done, 0) * self.batch_size
         return DataLoader(

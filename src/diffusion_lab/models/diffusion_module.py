@@ -39,9 +39,12 @@ class DiffusionModule(LightningModule):
         return self.process.training_losses(self.net, images, generator, **net_kwargs)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        losses, t = self._losses(batch, self._generator(self.global_rank, self.global_step, "train"))
+        # micro-batch k > 0 of an accumulated step (trainer.accumulate_grad_batches) draws from its own seed
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        purpose = (self.global_rank, self.global_step, micro) if micro else (self.global_rank, self.global_step)
+        losses, t = self._losses(batch, self._generator(*purpose, "train"))
         loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
