@@ -1,6 +1,7 @@
 """Drawing samples from a trained model in batches: what `sample.py` and the training callbacks share."""
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,11 +30,17 @@ def generate(
     trajectory_samples: int = 0,
     trajectory_frames: int = 40,
     progress: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **sample_kwargs,
 ) -> Generated:
     """`num_samples` images from x_T ~ N(0, I), batch by batch, reproducible under `seed` (for a given batch size).
     `class_labels` (cycled over the samples) condition a class-conditional model. The first `trajectory_samples`
-    samples also give about `trajectory_frames` frames of x_t from noise to image."""
+    samples also give about `trajectory_frames` frames of x_t from noise to image. Latent diffusion: `decode`
+    (the first stage's decoder) maps the sampled latents, and the trajectory's x_t, to images; latents are not
+    confined to [-1, 1], so their x_0 estimates are not clipped."""
+    if decode is not None:
+        sample_kwargs["clip_denoised"] = False
+    to_image = decode or (lambda x: x)
     device = next(net.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     was_training = net.training
@@ -55,12 +62,13 @@ def generate(
         if start == 0 and trajectory_samples:
             k = min(trajectory_samples, n)
             every = max(1, sampler.steps // trajectory_frames)
-            frames.append(to_uint8(noise[:k]))
+            frames.append(to_uint8(to_image(noise[:k])))
 
             def callback(state, k=k, every=every):
                 if (state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1:
-                    frames.append(to_uint8(state["x"][:k]))
+                    frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
 
-        batches.append(to_uint8(process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)))
+        x0 = process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)
+        batches.append(to_uint8(to_image(x0)))
     net.train(was_training)
     return Generated(np.concatenate(batches), frames)

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import backbone_shape, build_first_stage, build_net, build_process
 from diffusion_lab.generate import generate
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
 from diffusion_lab.utils.errors import ConfigError
@@ -50,6 +50,15 @@ def load_model(checkpoint: dict, weights: str, device: torch.device) -> tuple[An
     return process.to(device).eval(), net.to(device).eval()
 
 
+def load_first_stage(checkpoint: dict, weights: str, device: torch.device) -> Any:
+    """The frozen first stage stored in a latent-diffusion checkpoint, on `device`; None for pixel diffusion."""
+    first_stage = build_first_stage(checkpoint["config"])
+    if first_stage is not None:
+        first_stage.load_state_dict(submodule_state(model_weights(checkpoint, weights), "first_stage"))
+        first_stage.to(device)
+    return first_stage
+
+
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Writes the sample files into cfg.output_dir; returns their paths."""
     for key in ("num_samples", "batch_size"):
@@ -62,6 +71,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     config = checkpoint["config"]
     device = resolve_device(cfg.device)
     process, net = load_model(checkpoint, cfg.weights, device)
+    first_stage = load_first_stage(checkpoint, cfg.weights, device)
     sampler = instantiate(sampler_config(config, cfg.sampler))
 
     data = config["data"]
@@ -77,9 +87,9 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if conditional and labels is None:
         labels = list(range(data["num_classes"]))
 
-    shape = (data["channels"], data["image_size"], data["image_size"])
-    out = generate(process, net, sampler, cfg.num_samples, cfg.batch_size, shape, seed=cfg.seed, class_labels=labels,
-                   trajectory_samples=cfg.trajectory_samples, progress=True, **kwargs)
+    out = generate(process, net, sampler, cfg.num_samples, cfg.batch_size, backbone_shape(config), seed=cfg.seed,
+                   class_labels=labels, trajectory_samples=cfg.trajectory_samples, progress=True,
+                   decode=first_stage.decode if first_stage is not None else None, **kwargs)
     output_dir = Path(cfg.output_dir)
     paths = {"samples": output_dir / "samples.npz", "grid": output_dir / "grid.png", "trajectory": output_dir / "trajectory.gif"}
     save_samples(out.samples, paths["samples"])

@@ -7,6 +7,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from diffusion_lab.builders import backbone_shape
 from diffusion_lab.callbacks.ema import averaged_or_current
 from diffusion_lab.generate import generate
 from diffusion_lab.utils.errors import ConfigError
@@ -39,10 +40,12 @@ class SampleMedia(Callback):
         module = averaged_or_current(trainer, pl_module)
         sampler = instantiate(self.sampler_cfg if self.sampler_cfg is not None else pl_module.run_config["sampler"])
         data = pl_module.run_config["data"]
-        shape = (data["channels"], data["image_size"], data["image_size"])
         labels = list(range(data["num_classes"])) if pl_module.conditional else None
-        out = generate(module.process, module.net, sampler, self.num_samples, self.num_samples, shape,
-                       seed=self.seed, class_labels=labels, trajectory_samples=self.trajectory_samples)
+        first_stage = getattr(module, "first_stage", None)  # latent diffusion: decode the sampled latents
+        out = generate(module.process, module.net, sampler, self.num_samples, self.num_samples,
+                       backbone_shape(pl_module.run_config), seed=self.seed, class_labels=labels,
+                       trajectory_samples=self.trajectory_samples,
+                       decode=first_stage.decode if first_stage is not None else None)
         grid_path, gif_path = self.dirpath / f"step_{step:07d}.png", self.dirpath / f"step_{step:07d}.gif"
         save_grid(out.samples, grid_path)
         save_gif(out.trajectory, gif_path)

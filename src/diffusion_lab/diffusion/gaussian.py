@@ -341,7 +341,9 @@ class GaussianDiffusion(nn.Module):
         guidance_scale: float = 1.0,
         **net_kwargs,
     ) -> Tensor:
-        """x_0 in [-1, 1] (float32) from x_T = noise by the given sampler over a fresh denoiser of this process
-        (net_kwargs: class_labels for a class-conditional net)."""
+        """x_0 (float32) from x_T = noise by the given sampler over a fresh denoiser of this process
+        (net_kwargs: class_labels for a class-conditional net); clamped to [-1, 1] when clip_denoised (latent
+        diffusion samples latents, which are not confined to [-1, 1])."""
         denoiser = self.denoiser(net, clip_denoised=clip_denoised, guidance_scale=guidance_scale, **net_kwargs)
-        return sampler(denoiser, noise, self, callback=callback, generator=generator).float().clamp(-1, 1)
+        x0 = sampler(denoiser, noise, self, callback=callback, generator=generator).float()
+        return x0.clamp(-1, 1) if clip_denoised else x0

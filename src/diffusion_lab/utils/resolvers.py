@@ -17,6 +17,16 @@ def wandb_mode() -> str:
     return "online" if logged_in else "offline"
 
 
+def first_stage(path: str) -> dict:
+    """`${first_stage:PATH}`: the model config and latent scale factor of the autoencoder checkpoint at PATH
+    (latent diffusion, see experiment/latent_ddpm_fashion_mnist.yaml)."""
+    from diffusion_lab.models.autoencoder_module import first_stage_config, load_autoencoder_checkpoint
+
+    return first_stage_config(load_autoencoder_checkpoint(path))
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_mode"):
         OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
+    if not OmegaConf.has_resolver("first_stage"):
+        OmegaConf.register_new_resolver("first_stage", first_stage, use_cache=True)

@@ -78,7 +78,7 @@ class AutoencoderKL(nn.Module):
         levels = int(math.log2(factor))
         widths = [dim * 2**level for level in range(levels + 1)]
         check_groups("autoencoder_kl", "groups", groups, widths)
-        self.channels, self.latent_channels, self.factor = channels, latent_channels, factor
+        self.channels, self.image_size, self.latent_channels, self.factor = channels, image_size, latent_channels, factor
         self.latent_size = image_size // factor
 
         encoder: list[nn.Module] = [nn.Conv2d(channels, dim, 3, padding=1)]
