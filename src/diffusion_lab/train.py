@@ -1,5 +1,6 @@
 """`train(cfg)`: build data, process, backbone, callbacks, loggers and trainer from a composed config, then fit."""
 
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,7 @@ def configure_wandb(cfg: DictConfig, resumed: dict[str, Any] | None) -> None:
     saved = ((resumed or {}).get("config", {}).get("logger") or {}).get("wandb") or {}
     with open_dict(cfg):
         if wandb_cfg.id is None:
-            from wandb.util import generate_id
-
-            wandb_cfg.id = saved.get("id") or generate_id()
+            wandb_cfg.id = saved.get("id") or uuid.uuid4().hex[:12]
         if not wandb_cfg.get("group") and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             wandb_cfg.group = Path(HydraConfig.get().sweep.dir).name
 
