@@ -13,6 +13,15 @@ from diffusion_lab.models.components.simple_unet import SimpleUNet
 from diffusion_lab.models.components.small_unet import SmallUNet
 from diffusion_lab.utils.errors import ConfigError
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than several competing for a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # tiny widths for CPU; each entry: (factory(channels, image_size, out_channels, num_classes), sizes it runs at)
 TINY = {
     "ddpm_unet": (lambda c, s, o, n: DDPMUNet(c, s, ch=16, ch_mult=[1, 2, 2], norm_groups=8, out_channels=o, num_classes=n), (28, 32)),
