@@ -99,19 +99,19 @@ def main() -> None:
             sampler = configured_sampler(name, nfe)
             start = time.perf_counter()
             x = draw(process, net, sampler, noise, args.batch_size, args.seed)
-            rows.append({"sampler": str(sampler), "name": name, "nfe": sampler.evaluations, "quality": quality(x),
+            rows.append({"sampler": str(sampler), "name": name, "budget": nfe, "nfe": sampler.evaluations, "quality": quality(x),
                          "seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    nfes = sorted({row["nfe"] for row in rows[1:]})
+    nfes = sorted({row["budget"] for row in rows[1:]})
     names = args.samplers.split(",")
     lines = [f"Quality ({metric}; lower is better) of {args.num_samples} samples from {args.ckpt}; full chain "
              f"{rows[0]['sampler']}: {rows[0]['quality']:.4g}", "",
              "| sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---" * (len(nfes) + 1) + "|"]
-    for name in names:
-        by_nfe = {row["nfe"]: row["quality"] for row in rows if row["name"] == name}
+    for name in names:  # columns: the NFE budget (heun uses 2 steps - 1 <= budget)
+        by_nfe = {row["budget"]: row["quality"] for row in rows if row["name"] == name}
         lines.append(f"| {name} | " + " | ".join(f"{by_nfe[n]:.4g}" if n in by_nfe else "" for n in nfes) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
