@@ -63,13 +63,17 @@ class AutoencoderModule(LightningModule):
     def _generator(self, *purpose: int | str) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(step_seed(self.seed, *purpose))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, _ = batch
-        reconstruction, posterior = self.net(images, self._generator(self.global_rank, self.global_step, "train"))
+    def losses(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(L, per-sample summed reconstruction loss (B,), per-sample KL (B,)) of a batch, z drawn from `generator`."""
+        reconstruction, posterior = self.net(images, generator)
         loss_fn = F.l1_loss if self.reconstruction_loss == "l1" else F.mse_loss
         rec = loss_fn(reconstruction, images, reduction="none").flatten(1).sum(1)
         kl = posterior.kl()
-        loss = (rec + self.kl_weight * kl).mean()
+        return (rec + self.kl_weight * kl).mean(), rec, kl
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, _ = batch
+        loss, rec, kl = self.losses(images, self._generator(self.global_rank, self.global_step, "train"))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/rec", rec.mean() / images[0].numel())
         self.log("train/kl", kl.mean())

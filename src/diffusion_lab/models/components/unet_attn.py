@@ -3,12 +3,14 @@ weight-standardized conv + GroupNorm ResNet blocks with time scale/shift, linear
 full attention in the middle, pixel-unshuffle downsampling and nearest-neighbour upsampling."""
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from diffusion_lab.models.components.cross_attention import CrossAttention
 from diffusion_lab.models.components.layers import SinusoidalEmbedding, check_downsampling, check_groups
 from diffusion_lab.utils.errors import ConfigError
 
@@ -111,7 +113,9 @@ class UnetAttn(nn.Module):
     """U-Net with widths dim * dim_mults; the resolution halves between levels (len(dim_mults) - 1 times).
     `self_condition` adds the previous x_0 estimate as extra input channels (Chen et al. 2023, analog bits);
     `num_classes` adds a class embedding (with one extra "null" class for classifier-free guidance) to the
-    time embedding."""
+    time embedding; with a `context_encoder` (a factory called with num_classes, e.g. a partial `ClassTokens`)
+    the classes enter instead as a context sequence (B, L, D) that cross-attention blocks after every attention
+    attend to (Rombach et al. 2022, Sec. 3.3)."""
 
     def __init__(
         self,
@@ -125,6 +129,7 @@ class UnetAttn(nn.Module):
         num_classes: int | None = None,
         attn_heads: int = 4,
         attn_dim_head: int = 32,
+        context_encoder: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         if dim < 1 or not dim_mults or any(m < 1 for m in dim_mults):
@@ -140,7 +145,10 @@ class UnetAttn(nn.Module):
 
         self.init_conv = nn.Conv2d(channels * (2 if self_condition else 1), dim, 1)
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        if context_encoder is not None and not num_classes:
+            raise ConfigError("model.context_encoder encodes class labels: it needs data.conditional=true")
+        self.context_encoder = context_encoder(num_classes=num_classes) if context_encoder is not None else None
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes and context_encoder is None else None
 
         in_out = list(zip(dims[:-1], dims[1:]))
         self.downs = nn.ModuleList()
@@ -166,6 +174,14 @@ class UnetAttn(nn.Module):
             )
         self.final_block = block(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, self.out_channels, 1)
+        # cross-attention after every attention, kept apart from downs / ups (empty without a context encoder, so
+        # the parameters and state-dict keys of a model without it are unchanged)
+        with_cross = self.context_encoder is not None
+        if with_cross:
+            cross = partial(CrossAttention, context_dim=self.context_encoder.dim, heads=attn_heads, dim_head=attn_dim_head)
+        self.down_cross = nn.ModuleList([cross(d_in) for d_in, _ in in_out] if with_cross else [])
+        self.mid_cross = cross(dims[-1]) if with_cross else None
+        self.up_cross = nn.ModuleList([cross(d_out) for _, d_out in reversed(in_out)] if with_cross else [])
 
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         if self.self_condition:
@@ -173,22 +189,30 @@ class UnetAttn(nn.Module):
         x = self.init_conv(x)
         skip = x.clone()
         emb = self.time_mlp(t)
+        if self.num_classes and class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
         if self.class_emb is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(class_labels)
+        context = self.context_encoder(class_labels) if self.context_encoder is not None else None
 
         hs = []
-        for block1, block2, attn, down in self.downs:
+        for i, (block1, block2, attn, down) in enumerate(self.downs):
             x = block1(x, emb)
             hs.append(x)
             x = attn(block2(x, emb))
+            if context is not None:
+                x = self.down_cross[i](x, context)
             hs.append(x)
             x = down(x)
-        x = self.mid_block2(self.mid_attn(self.mid_block1(x, emb)), emb)
-        for block1, block2, attn, up in self.ups:
+        x = self.mid_attn(self.mid_block1(x, emb))
+        if context is not None:
+            x = self.mid_cross(x, context)
+        x = self.mid_block2(x, emb)
+        for i, (block1, block2, attn, up) in enumerate(self.ups):
             x = block1(torch.cat([x, hs.pop()], dim=1), emb)
             x = attn(block2(torch.cat([x, hs.pop()], dim=1), emb))
+            if context is not None:
+                x = self.up_cross[i](x, context)
             x = up(x)
         x = self.final_block(torch.cat([x, skip], dim=1), emb)
         return self.final_conv(x)
