@@ -13,6 +13,7 @@ from torch import nn
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.metrics.extractors import ClassifierFeatures, InceptionFeatures, weights_hash
+from diffusion_lab.metrics.loss_by_timestep import loss_by_timestep
 from diffusion_lab.metrics.nll import variational_bound
 from diffusion_lab.metrics.precision_recall import precision_recall
 from diffusion_lab.metrics.real_features import real_features
@@ -200,3 +201,20 @@ def test_bound_of_exact_noise_network_equals_hand_value(variance):
         nats += prior + kl_steps - math.log(mass)
     expected_bits_per_dim = nats / (x0.numel() * math.log(2))
     assert bound.total.item() == pytest.approx(expected_bits_per_dim, rel=1e-6)
+
+
+class OffsetNoise(ExactNoise):
+    """Exact noise plus c * t: its l2 loss on eps is exactly (c t)^2 at timestep t."""
+
+    def forward(self, x_t, t):
+        return super().forward(x_t, t) + 0.01 * t.reshape(-1, 1, 1, 1)
+
+
+def test_loss_by_timestep_buckets_hold_their_timesteps_losses():
+    betas = beta_schedule("linear", 100, 1e-4, 0.02, 0.008, False)
+    process = GaussianDiffusion(betas, loss_type="l2")
+    x0 = torch.zeros(64, 1, 2, 2, dtype=torch.float64)
+    net = OffsetNoise(x0[:1], process.alphas_cumprod)
+    losses = loss_by_timestep(process, net, x0, torch.Generator().manual_seed(0), buckets=4, repeats=8)
+    for k, loss in enumerate(losses.tolist()):  # bucket k holds t in [25 k, 25 k + 24]
+        assert (0.01 * 25 * k) ** 2 - 1e-9 <= loss <= (0.01 * (25 * k + 24)) ** 2 + 1e-9

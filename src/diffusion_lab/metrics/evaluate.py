@@ -1,9 +1,11 @@
 """Scores of generated images and the likelihood bound of a model, each written with its protocol: what was
 compared with what, by which extractor (and the hash of its weights), how the samples were drawn."""
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
@@ -14,6 +16,7 @@ from diffusion_lab.metrics.nll import variational_bound
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import atomic_path
 
 REAL_SPLITS = ("train", "val", "test")
 
@@ -91,3 +94,40 @@ def nll_bits_per_dim(
     }
     standard_error = float(totals.std() / len(totals) ** 0.5) if len(totals) > 1 else float("nan")
     return {"nll_bpd": float(totals.mean()), "nll_bpd_stderr": standard_error, "protocol": protocol}
+
+
+def needs_samples(options: Mapping) -> bool:
+    """Whether any selected metric scores samples (nll alone needs none)."""
+    return any(name in options for name in SAMPLE_METRICS)
+
+
+def write_scores(
+    options: Mapping,
+    output_dir: Path,
+    process: nn.Module,
+    net: nn.Module,
+    samples: np.ndarray | None,
+    data_config: Mapping,
+    sampler: Any,
+    seed: int,
+    device: torch.device,
+    ckpt_path: str,
+) -> Path:
+    """`<output_dir>/metrics.json`: the selected metrics of a checkpoint, each group with its protocol. `samples`
+    are uint8 (N, H, W, C) as in samples.npz."""
+    images, labels = data_split(data_config, options["real_split"])
+    result: dict[str, Any] = {}
+    if needs_samples(options):
+        scored = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), images, options, device, seed)
+        scored["protocol"].update(sampler=str(sampler), steps=sampler.steps, seed=seed, checkpoint=str(ckpt_path))
+        result.update(scored)
+    if "nll" in options:
+        count = options["nll"]["num_images"]
+        conditional = data_config.get("conditional", False)
+        bound = nll_bits_per_dim(process, net, images[:count], options, device, seed, labels[:count] if conditional else None)
+        result.update(nll_bpd=bound["nll_bpd"], nll_bpd_stderr=bound["nll_bpd_stderr"],
+                      nll_protocol={**bound["protocol"], "checkpoint": str(ckpt_path)})
+    path = Path(output_dir) / "metrics.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -5,7 +5,6 @@ changed extractor or a changed data set never reads stale features.
 """
 
 import hashlib
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.metrics.extractors import weights_hash
+from diffusion_lab.utils.io import atomic_path
 
 
 class RealFeatures(NamedTuple):
@@ -51,8 +51,6 @@ def real_features(
     if path.is_file():
         return RealFeatures(torch.load(path, map_location="cpu"), extractor_hash, images_hash, True)
     features = extract_features(extractor, images, batch_size, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(features, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(features, temporary)
     return RealFeatures(features, extractor_hash, images_hash, False)

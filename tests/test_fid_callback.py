@@ -1,0 +1,46 @@
+"""The FID callback in a tiny training run: it logs val/fid (and the sample count) and writes its protocol."""
+
+import csv
+import json
+import math
+
+import torch
+
+from diffusion_lab.models.feature_classifier import ClassifierNet
+from tiny_run import image_folder, run_train, tiny_overrides
+
+
+def classifier_checkpoint(path, image_size: int) -> str:
+    """A feature_classifier checkpoint with random weights, as FeatureClassifierModule writes it."""
+    torch.manual_seed(0)
+    net = ClassifierNet(channels=1, image_size=image_size, num_labels=2, widths=(8,), feature_dim=8)
+    state = {f"net.{name}": value for name, value in net.state_dict().items()}
+    torch.save({"config": {}, "state_dict": state, "feature_classifier": {"net": net.config, "test_accuracy": 0.5}}, path)
+    return str(path)
+
+
+def test_fid_callback_logs_val_fid_in_a_tiny_run(tmp_path):
+    output_dir = tmp_path / "run"
+    run_train(tiny_overrides(image_folder(tmp_path / "images"), output_dir, max_steps=4) + [
+        "callbacks=[default,fid]", "callbacks.sample_media=null", "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null", "callbacks.fid.every_n_steps=2", "callbacks.fid.num_samples=10",
+        "callbacks.fid.batch_size=4", f"callbacks.fid.classifier_path={classifier_checkpoint(tmp_path / 'clf.ckpt', 8)}",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}", "callbacks.fid.nll_images=3",
+        "callbacks.model_checkpoint.monitor=val/fid", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "+callbacks.fid.sampler={_target_: diffusion_lab.samplers.Sampler, algorithm: ddim, steps: 3}",
+    ], timeout=900)
+    with open(output_dir / "csv" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/fid")]
+    assert [int(row["step"]) for row in rows] == [1, 3]  # logged at global steps 2 and 4 (csv rows count from 0)
+    assert all(math.isfinite(float(row["val/fid"])) and float(row["val/fid"]) > 0 for row in rows)
+    assert all(float(row["val/fid_num_samples"]) == 10 for row in rows)
+
+    records = [json.loads(line) for line in (output_dir / "metrics" / "scores.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    protocol = records[0]["protocol"]
+    assert protocol["num_samples"] == 10 and protocol["real_split"] == "test" and protocol["real_size"] == 40
+    assert protocol["extractor"] == "classifier" and protocol["steps"] == 3 and protocol["weights"] == "ema"
+    assert records[0]["fid"] == float(rows[0]["val/fid"]) or math.isclose(records[0]["fid"], float(rows[0]["val/fid"]), rel_tol=1e-6)
+    assert all(r["nll_bpd"] > 0 for r in records)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # real features computed once, then read from the cache
+    assert any(p.name.startswith("step_") for p in (output_dir / "checkpoints").iterdir())
