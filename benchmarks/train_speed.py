@@ -1,0 +1,177 @@
+"""Training images/s under Lightning's Trainer and under a plain PyTorch loop over the same network, loss and
+optimizer, measured warm and alternating in one process; their ratio; forward FLOPs per image and the fraction of
+this machine's matmul rate (measured in the same run) that training reaches; peak memory.
+
+    python benchmarks/train_speed.py                                   # default experiment (unet_attn, batch 128)
+    python benchmarks/train_speed.py experiment=ddpm_cifar10 --precision bf16-mixed --peak-tflops 989
+    python benchmarks/train_speed.py --channels-last --compile --threads 2 data.batch_size=64
+
+Positional arguments are Hydra overrides of configs/train.yaml. Data is random images of the configured shape, so
+only the network, the loss and the optimizer are timed; the Trainer runs without callbacks or loggers.
+"""
+
+import argparse
+import contextlib
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from diffusion_lab.builders import build_net, build_process  # noqa: E402
+from diffusion_lab.models.diffusion_module import DiffusionModule  # noqa: E402
+from diffusion_lab.utils.resolvers import register_resolvers  # noqa: E402
+
+AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """FLOP/s of an n x n matmul (2 n^3 per product), best of `repeats`: this machine's attainable peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+class StepTimes(Callback):
+    """perf_counter after every optimizer step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+
+def rate(times: list[float], warmup: int, batch_size: int) -> float:
+    """Images/s over the steps after `warmup`."""
+    return batch_size * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
+    parser.add_argument("--precision", default="32-true", choices=list(AUTOCAST))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (nn.Module.compile)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations Trainer / plain loop")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's stated peak, for a second fraction")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch_size, data = cfg.data.batch_size, cfg.data
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    autocast_dtype = AUTOCAST[args.precision]
+
+    torch.manual_seed(0)
+    process = build_process(cfg)
+    nets = [build_net(cfg, process).to(device, memory_format=memory_format) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    if args.compile:
+        for net in nets:
+            net.compile()
+    params = sum(p.numel() for p in nets[0].parameters())
+
+    images = torch.rand(batch_size * (args.warmup + args.steps + 1), data.channels, data.image_size, data.image_size) * 2 - 1
+    images = images.contiguous(memory_format=memory_format)
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=batch_size,
+                        drop_last=True, pin_memory=device.type == "cuda")
+
+    with FlopCounterMode(display=False) as counter:
+        nets[0](images[:batch_size].to(device), torch.zeros(batch_size, device=device))
+    forward_flops = counter.get_total_flops() / batch_size
+
+    # Lightning: the project's DiffusionModule under a bare Trainer
+    module = DiffusionModule(nets[0], process, instantiate(cfg.optimizer), seed=cfg.seed)
+    times = StepTimes(device)
+
+    def lightning_rate() -> float:
+        times.times = []
+        trainer = Trainer(accelerator=device.type, devices=1, precision=args.precision, max_steps=args.warmup + args.steps + 1,
+                          logger=False, callbacks=[times], enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(module, train_dataloaders=loader)
+        return rate(times.times, args.warmup, batch_size)
+
+    # plain loop: the same loss and optimizer, the same autocast and gradient scaling Lightning applies; its own
+    # process, since the Trainer moves the module (and the process in it) back to the CPU after each fit
+    net, plain_process = nets[1], build_process(cfg).to(device)
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
+    generator = torch.Generator(device).manual_seed(0)
+
+    def plain_rate() -> float:
+        stamps = []
+        net.train()
+        for x0, _ in loader:
+            x0 = x0.to(device, non_blocking=True)
+            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
+            with autocast:
+                loss = plain_process.training_losses(net, x0, generator)[0].mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sync(device)
+            stamps.append(time.perf_counter())
+        return rate(stamps, args.warmup, batch_size)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    lightning_rates, plain_rates = [], []
+    for _ in range(args.rounds):
+        lightning_rates.append(lightning_rate())
+        plain_rates.append(plain_rate())
+    matmul_dtype = autocast_dtype or torch.float32
+    machine = matmul_rate(device, matmul_dtype, 8192 if device.type == "cuda" else 1024)
+
+    lightning, plain = statistics.median(lightning_rates), statistics.median(plain_rates)
+    train_flops = 3 * forward_flops * lightning  # backward ~ 2x forward
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model {cfg.model._target_.rsplit('.', 1)[-1]} ({params / 1e6:.2f}M params), batch {batch_size}, "
+          f"{data.channels}x{data.image_size}x{data.image_size}, {name}, precision {args.precision}, "
+          f"channels_last {args.channels_last}, compile {args.compile}")
+    print(f"  Trainer     {lightning:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in lightning_rates)})")
+    print(f"  plain loop  {plain:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in plain_rates)})")
+    print(f"  ratio Trainer / plain: {lightning / plain:.3f}")
+    print(f"  forward {forward_flops / 1e9:.3f} GFLOP/image; training {train_flops / 1e12:.3f} TFLOP/s = "
+          f"{train_flops / machine:.1%} of this machine's {matmul_dtype} matmul rate ({machine / 1e12:.2f} TFLOP/s)"
+          + (f", {train_flops / (args.peak_tflops * 1e12):.1%} of the stated {args.peak_tflops:g} TFLOP/s peak"
+             if args.peak_tflops else ""))
+    print(f"  peak memory {peak:.2f} GiB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+
+
+if __name__ == "__main__":
+    main()
