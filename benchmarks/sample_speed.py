@@ -1,0 +1,64 @@
+"""Sampling images/s for each sampler at a given step count, on an untrained network of the configured model
+(speed does not depend on the weights), with network evaluations per image and the rate per evaluation.
+
+    python benchmarks/sample_speed.py --steps 50 --batch-size 64
+    python benchmarks/sample_speed.py experiment=ddpm_cifar10 --steps 20 --samplers ddim dpm_solver_pp
+
+Positional arguments are Hydra overrides of configs/train.yaml.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from diffusion_lab.builders import build_net, build_process  # noqa: E402
+from diffusion_lab.generate import generate  # noqa: E402
+from diffusion_lab.samplers import Sampler  # noqa: E402
+from diffusion_lab.samplers.sampling import SAMPLERS  # noqa: E402
+from diffusion_lab.utils.resolvers import register_resolvers  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    process = build_process(cfg).to(device)
+    net = build_net(cfg, process).to(device).eval()
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}, batch {args.batch_size}, {'x'.join(map(str, shape))}, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}")
+    print(f"  {'sampler':16s} {'steps':>5s} {'NFE':>5s} {'img/s':>9s} {'NFE*img/s':>10s}")
+    generate(process, net, Sampler("ddim", 2), args.batch_size, args.batch_size, shape)  # warm-up
+    for name in args.samplers:
+        sampler = Sampler(name, args.steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(process, net, sampler, args.batch_size, args.batch_size, shape)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        images_per_s = args.batch_size / (time.perf_counter() - start)
+        print(f"  {name:16s} {args.steps:5d} {sampler.evaluations:5d} {images_per_s:9.2f} {images_per_s * sampler.evaluations:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
