@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -119,6 +120,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     )
     callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"))
     loggers: list[Logger] = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
     for logger in loggers:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
