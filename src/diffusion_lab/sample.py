@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.builders import backbone_shape, build_first_stage, build_net, build_process
 from diffusion_lab.generate import generate
+from diffusion_lab.metrics.evaluate import needs_samples, write_scores
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.media import forward_noising_figure, save_gif, save_grid, save_samples
@@ -87,6 +88,11 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if conditional and labels is None:
         labels = list(range(data["num_classes"]))
 
+    options = cfg.get("metrics")  # metrics=[fid,kid,prec_recall,nll]: see diffusion_lab.metrics.evaluate
+    if options and not needs_samples(options):  # metrics=[nll]: the bound needs no sampling
+        return {"metrics": write_scores(options, Path(cfg.output_dir), process, net, None, data, sampler, cfg.seed,
+                                        device, cfg.ckpt_path)}
+
     out = generate(process, net, sampler, cfg.num_samples, cfg.batch_size, backbone_shape(config), seed=cfg.seed,
                    class_labels=labels, trajectory_samples=cfg.trajectory_samples, progress=True,
                    decode=first_stage.decode if first_stage is not None else None, **kwargs)
@@ -102,4 +108,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         steps = process.num_timesteps
         timesteps = sorted({0, steps // 10, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
         forward_noising_figure(process, images[:4].float() / 127.5 - 1, timesteps, paths["forward"], seed=cfg.seed)
+    if options:
+        paths["metrics"] = write_scores(options, output_dir, process, net, out.samples, data, sampler, cfg.seed, device,
+                                        cfg.ckpt_path)
     return paths
