@@ -103,9 +103,11 @@ class FID(Callback):
             scores["nll_bpd"] = self._nll(trainer, module, pl_module.conditional)
 
         step = trainer.global_step
-        for name, value in scores.items():
-            pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False)
-        pl_module.log("val/fid_num_samples", float(self.num_samples), on_step=True, on_epoch=False)
+        logged = {f"val/{name}": value for name, value in scores.items()} | {"val/fid_num_samples": float(self.num_samples)}
+        for name, value in logged.items():  # into callback_metrics, for ModelCheckpoint and sweepers
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)
+        for logger in trainer.loggers:  # now, whatever trainer.log_every_n_steps is
+            logger.log_metrics(logged, step=step)
         if rank == 0:
             protocol = {**self.protocol, "num_samples": self.num_samples, "sampler": str(sampler),
                         "steps": sampler.steps, "seed": self.seed, "weights": "ema" if module is not pl_module else "raw"}
