@@ -10,7 +10,7 @@ from omegaconf.errors import OmegaConfBaseException
 from diffusion_lab.utils.errors import ConfigError
 
 
-def _user_error(error: BaseException) -> ConfigError | OmegaConfBaseException | None:
+def user_error(error: BaseException) -> ConfigError | OmegaConfBaseException | None:
     """The ConfigError (or config-resolution error) behind `error`, following Hydra's instantiate wrapping."""
     while error is not None:
         if isinstance(error, (ConfigError, OmegaConfBaseException)):
@@ -28,11 +28,11 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, OmegaConfBaseException, InstantiationException) as error:
-            user_error = _user_error(error)
-            if user_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            cause = user_error(error)
+            if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            text = str(user_error).strip()
-            message = " ".join(text.split()) if isinstance(user_error, ConfigError) else text.splitlines()[0]
+            text = str(cause).strip()
+            message = " ".join(text.split()) if isinstance(cause, ConfigError) else text.splitlines()[0]
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 

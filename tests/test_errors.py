@@ -1,0 +1,89 @@
+"""Bad input ends with a non-zero exit and one clear line naming the key, no traceback; nothing written is lost."""
+
+import pytest
+import torch
+
+from conftest import compose_train, run_script
+from diffusion_lab.utils.cli import user_error
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import atomic_path
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["data.batch_size=0"], ["data.batch_size=0"]),
+        (["schedule.timesteps=0"], ["schedule.timesteps=0"]),
+        (["model.dim_mults=[1,2,4,8]"], ["data.image_size=28", "divisible by 8"]),
+        (["data=folder", "data.root=/nonexistent/images"], ["data.root=/nonexistent/images", "no images"]),
+    ],
+)
+def test_bad_training_overrides(tmp_path, overrides, fragments):
+    from diffusion_lab.train import train
+
+    with pytest.raises(Exception) as error:  # noqa: PT011 - Hydra's instantiate wraps it; user_error unwraps
+        train(compose_train(overrides, tmp_path))
+    config_error = user_error(error.value)
+    assert isinstance(config_error, ConfigError), error.value
+    for fragment in fragments:
+        assert fragment in str(config_error)
+
+
+def test_train_cli_exits_with_one_line(tmp_path):
+    result = run_script("train.py", ["data.batch_size=-3", f"paths.output_dir={tmp_path}", "logger=csv"], check=False)
+    assert_one_line_error(result, "data.batch_size=-3", ">= 1")
+
+
+def test_unknown_option_is_rejected_by_hydra_with_the_choices(tmp_path):
+    result = run_script("train.py", ["model=nope", f"paths.output_dir={tmp_path}"], check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "Could not find 'model/nope'" in result.stderr and "unet_attn" in result.stderr
+
+
+def test_bad_checkpoints_and_sample_settings(tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save({"config": {}, "state_dict": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    cases = [
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], ["missing.ckpt does not exist"]),
+        ([f"ckpt_path={truncated}"], ["truncated.ckpt is not a readable checkpoint"]),
+        ([f"ckpt_path={foreign}"], ["not a checkpoint of this project"]),
+        ([f"ckpt_path={foreign}", "num_samples=0"], ["num_samples=0"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_script("sample.py", [*args, f"output_dir={tmp_path / 'out'}"], check=False), *fragments)
+
+
+def test_a_failed_run_leaves_earlier_outputs_intact(trained_run, tmp_path):
+    output_dir, _, _ = trained_run
+    ckpt = output_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "samples"
+    run_script("sample.py", [f"ckpt_path={ckpt}", "num_samples=2", "batch_size=2", f"output_dir={out}", "sampler=ddim",
+                             "sampler.steps=2"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_script("sample.py", [f"ckpt_path={ckpt}", "num_samples=2", f"output_dir={out}", "sampler=ddim",
+                                      "sampler.steps=100000"], check=False)
+    assert_one_line_error(result, "sampler.steps=100000")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"good"
+    assert list(tmp_path.iterdir()) == [target]
