@@ -62,7 +62,7 @@ def load_first_stage(checkpoint: dict, weights: str, device: torch.device) -> An
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Writes the sample files into cfg.output_dir; returns their paths."""
-    for key in ("num_samples", "batch_size"):
+    for key in ("num_samples", "batch_size", "trajectory_samples", "grid_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1")
     bad = [f for f in cfg.figures if f not in FIGURES]
