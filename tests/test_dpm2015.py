@@ -186,3 +186,17 @@ def test_configuration_errors():
     process = make_process(5)
     with pytest.raises(ConfigError, match="guidance_scale"):
         process.denoiser(FixedOutput(torch.zeros(1, 2, 4, 4)), guidance_scale=3.0)
+
+
+def test_nll_metric_reports_the_processes_own_bound():
+    """sample.py metrics=[nll] on a dpm2015 model gives the paper's bound (bits_per_dim), not Ho et al.'s."""
+    from diffusion_lab.metrics.evaluate import nll_bits_per_dim
+
+    process = make_process(8)
+    net = FixedOutput(torch.randn(1, 2, 4, 4) * 0.1)
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    options = {"nll": {"variance": "large", "clip_denoised": True}, "batch_size": 8, "real_split": "test"}
+    scores = nll_bits_per_dim(process, net, images, options, torch.device("cpu"), seed=5)
+    direct = process.bits_per_dim(net, images.float() / 127.5 - 1, torch.Generator().manual_seed(5))
+    assert scores["nll_bpd"] == pytest.approx(direct.double().mean().item(), rel=1e-6)
+    assert scores["protocol"]["bound"] == "DPM2015Diffusion.bits_per_dim"

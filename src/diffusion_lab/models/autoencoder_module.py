@@ -23,6 +23,7 @@ from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL, FirstS
 from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.media import save_grid, to_uint8
+from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
@@ -126,11 +127,7 @@ class AutoencoderModule(LightningModule):
                 logger.experiment.add_images("media/reconstructions", grid, step, dataformats="NHWC")
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_and_schedulers(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._scale_factor_step != self.global_step:  # e.g. max_steps stopped training between validations

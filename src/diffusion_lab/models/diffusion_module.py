@@ -7,6 +7,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from diffusion_lab.data.image_datamodule import step_seed
+from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 
 
 class DiffusionModule(LightningModule):
@@ -53,11 +54,7 @@ class DiffusionModule(LightningModule):
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=len(losses))
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_and_schedulers(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["config"] = self.run_config

@@ -12,6 +12,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 
 
 class ClassifierNet(nn.Module):
@@ -121,11 +122,7 @@ class FeatureClassifierModule(LightningModule):
             self.log("test/acc", self.test_accuracy, prog_bar=True)
 
     def configure_optimizers(self) -> dict:
-        optimizer = self.optimizer_factory(params=self.net.parameters())
-        if self.lr_scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_and_schedulers(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self._test_accuracy_step != self.global_step:  # e.g. max_steps stopped training between validations
