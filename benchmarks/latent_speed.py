@@ -10,22 +10,16 @@ without the first stage. Data is random images of the data's shape; a step is lo
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from diffusion_lab.builders import backbone_shape, build_net, build_process  # noqa: E402
-from diffusion_lab.models.diffusion_module import DiffusionModule  # noqa: E402
-from diffusion_lab.models.latent_diffusion_module import LatentDiffusionModule  # noqa: E402
-from diffusion_lab.utils.resolvers import register_resolvers  # noqa: E402
+from common import add_threads_argument, apply_threads, compose_train
+from diffusion_lab.builders import backbone_shape, build_net, build_process
+from diffusion_lab.models.diffusion_module import DiffusionModule
+from diffusion_lab.models.latent_diffusion_module import LatentDiffusionModule
 
 
 def build(cfg, latent: bool) -> DiffusionModule:
@@ -53,13 +47,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; the median is kept")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        latent_cfg = compose("train.yaml", overrides=["experiment=latent_ddpm_fashion_mnist", *args.overrides])
+    apply_threads(args.threads)
+    latent_cfg = compose_train(["experiment=latent_ddpm_fashion_mnist", *args.overrides])
     pixel_cfg = latent_cfg.copy()
     with open_dict(pixel_cfg):
         pixel_cfg.first_stage = None

@@ -13,24 +13,20 @@ the same run.
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import compose_train
 from diffusion_lab.builders import build_net, build_process
-from diffusion_lab.utils.resolvers import register_resolvers
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 PRESETS = ["ddpm_fashion_mnist", "ddpm_mnist_simple", "dpm2015_mnist", "dpm2015_cifar10", "ddpm_small_fashion_mnist",
            "ddpm_cifar10"]
 
 
 def measure(preset: str, batch_size: int, steps: int, device: torch.device) -> dict:
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[f"experiment={preset}"])
+    cfg = compose_train([f"experiment={preset}"])
     process = build_process(cfg).to(device)
     net = build_net(cfg, process).to(device)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -73,7 +69,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    register_resolvers()
     device = torch.device(args.device)
     presets = args.presets.split(",")
     baseline = "ddpm_fashion_mnist"

@@ -8,21 +8,15 @@ Positional arguments are Hydra overrides of configs/train.yaml.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from diffusion_lab.builders import build_net, build_process  # noqa: E402
-from diffusion_lab.generate import generate  # noqa: E402
-from diffusion_lab.samplers import Sampler  # noqa: E402
-from diffusion_lab.samplers.sampling import SAMPLERS  # noqa: E402
-from diffusion_lab.utils.resolvers import register_resolvers  # noqa: E402
+from common import add_threads_argument, apply_threads, compose_train
+from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.generate import generate
+from diffusion_lab.samplers import Sampler
+from diffusion_lab.samplers.sampling import SAMPLERS
 
 
 def main() -> None:
@@ -31,14 +25,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=args.overrides)
+    apply_threads(args.threads)
+    cfg = compose_train(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     process = build_process(cfg).to(device)

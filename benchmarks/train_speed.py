@@ -14,23 +14,17 @@ import argparse
 import contextlib
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from diffusion_lab.builders import build_net, build_process  # noqa: E402
-from diffusion_lab.models.diffusion_module import DiffusionModule  # noqa: E402
-from diffusion_lab.utils.resolvers import register_resolvers  # noqa: E402
+from common import add_threads_argument, apply_threads, compose_train
+from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.models.diffusion_module import DiffusionModule
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
@@ -76,18 +70,14 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", choices=list(AUTOCAST))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (nn.Module.compile)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    add_threads_argument(parser)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternations Trainer / plain loop")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's stated peak, for a second fraction")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=args.overrides)
+    apply_threads(args.threads)
+    cfg = compose_train(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size, data = cfg.data.batch_size, cfg.data
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -9,7 +9,6 @@
 import hashlib
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from diffusion_lab.utils.errors import ConfigError
