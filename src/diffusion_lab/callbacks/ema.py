@@ -24,10 +24,11 @@ class EMA(WeightAveraging):
         super().__init__(multi_avg_fn=self._ema_update, use_buffers=True)
 
     def _ema_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = int(num_averaged)
-        decay = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         if averaged[0].is_floating_point():  # called once per (device, dtype) group
-            torch._foreach_lerp_(averaged, current, 1 - decay)
+            # decay as a tensor on the weights' device: no host-device sync in the training step
+            n = num_averaged.to(torch.float64)
+            decay = ((1 + n) / (10 + n)).clamp(max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+            torch._foreach_lerp_(averaged, current, (1 - decay).to(averaged[0].dtype))
         else:  # integer buffers (BatchNorm's num_batches_tracked) are copied
             torch._foreach_copy_(averaged, current)
 
