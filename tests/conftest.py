@@ -52,6 +52,15 @@ def run_script(script: str, args: list[str], check: bool = True, timeout: float 
     return result
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster than several competing for a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny training run on real Fashion-MNIST (3 steps), shared by the tests that read its outputs."""

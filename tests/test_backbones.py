@@ -14,13 +14,7 @@ from diffusion_lab.models.components.small_unet import SmallUNet
 from diffusion_lab.utils.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than several competing for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tiny widths for CPU; each entry: (factory(channels, image_size, out_channels, num_classes), sizes it runs at)
 TINY = {

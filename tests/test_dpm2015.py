@@ -19,13 +19,7 @@ LOG_BIN = math.log(2 / 255)  # log width of one 8-bit level in [-1, 1]
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than several competing for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class FixedOutput(nn.Module):
     """A 'network' whose output [mu_coeff, beta_coeff] is a given tensor: known reverse Gaussians."""
