@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from diffusion_lab.models.components.layers import SinusoidalEmbedding, check_downsampling, check_groups
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -90,7 +90,7 @@ class DDPMUNet(nn.Module):
         self.time_emb = nn.Sequential(
             SinusoidalEmbedding(ch), xavier(nn.Linear(ch, emb_dim)), nn.SiLU(), xavier(nn.Linear(emb_dim, emb_dim))
         )
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.class_emb = ClassEmbedding(num_classes, emb_dim) if num_classes else None
         block = lambda d, d_out, level: ResBlock(d, d_out, emb_dim, dropout, norm_groups, level in attn_levels)  # noqa: E731
 
         self.head = xavier(nn.Conv2d(channels, ch, 3, padding=1))
@@ -122,9 +122,7 @@ class DDPMUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         emb = self.time_emb(t)
         if self.class_emb is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.class_emb(class_labels)
+            emb = emb + self.class_emb(class_labels, x.shape[0])
         h = self.head(x)
         hs = [h]
         for layer in self.down:

@@ -39,3 +39,22 @@ def check_groups(model: str, key: str, groups: int, widths: list[int]) -> None:
     bad = [w for w in widths if w % groups]
     if bad:
         raise ConfigError(f"model.{key}={groups} must divide every channel width of model={model}; it does not divide {bad}")
+
+
+def labels_or_null(class_labels: Tensor | None, num_classes: int, batch_size: int, device: torch.device) -> Tensor:
+    """The class labels, or the null class (index num_classes, the unconditional one of classifier-free
+    guidance) for every sample when none are given."""
+    if class_labels is not None:
+        return class_labels
+    return torch.full((batch_size,), num_classes, device=device, dtype=torch.long)
+
+
+class ClassEmbedding(nn.Embedding):
+    """One learned vector per class plus one for the null class (Ho & Salimans 2022); no labels embed the null class."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__(num_classes + 1, dim)
+        self.num_classes = num_classes
+
+    def forward(self, class_labels: Tensor | None, batch_size: int) -> Tensor:
+        return super().forward(labels_or_null(class_labels, self.num_classes, batch_size, self.weight.device))

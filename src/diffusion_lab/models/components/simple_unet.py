@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.models.components.layers import SinusoidalEmbedding
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -53,7 +53,7 @@ class SimpleUNet(nn.Module):
         self.num_classes = num_classes
         self.multiple = 2 ** (len(dims) - 1)
         self.time_mlp = nn.Sequential(SinusoidalEmbedding(time_dim), nn.Linear(time_dim, time_dim), nn.ReLU())
-        self.class_emb = nn.Embedding(num_classes + 1, time_dim) if num_classes else None
+        self.class_emb = ClassEmbedding(num_classes, time_dim) if num_classes else None
         self.conv0 = nn.Conv2d(channels, dims[0], 3, padding=1)
         pairs = list(zip(dims[:-1], dims[1:]))
         self.downs = nn.ModuleList([Block(d, d_out, time_dim, up=False) for d, d_out in pairs])
@@ -63,9 +63,7 @@ class SimpleUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         emb = self.time_mlp(t)
         if self.class_emb is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.class_emb(class_labels)
+            emb = emb + self.class_emb(class_labels, x.shape[0])
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % self.multiple, 0, -h % self.multiple))
         x = self.conv0(x)

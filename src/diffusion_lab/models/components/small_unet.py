@@ -5,7 +5,7 @@ each level adds its own time embedding MLP(sinusoidal(t)) to its input, one valu
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.models.components.layers import SinusoidalEmbedding
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ class SmallUNet(nn.Module):
         d1, d2, d4 = dim, 2 * dim, 4 * dim
         self.num_classes = num_classes
         self.time_emb = SinusoidalEmbedding(time_emb_dim)
-        self.class_emb = nn.Embedding(num_classes + 1, time_emb_dim) if num_classes else None
+        self.class_emb = ClassEmbedding(num_classes, time_emb_dim) if num_classes else None
         self.level1 = Level([channels, d1, d1, d1], 28, time_emb_dim)
         self.down1 = nn.Conv2d(d1, d1, 4, 2, 1)
         self.level2 = Level([d1, d2, d2, d2], 14, time_emb_dim)
@@ -81,9 +81,7 @@ class SmallUNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         emb = self.time_emb(t)
         if self.class_emb is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
-            emb = emb + self.class_emb(class_labels)
+            emb = emb + self.class_emb(class_labels, x.shape[0])
         h1 = self.level1(x, emb)
         h2 = self.level2(self.down1(h1), emb)
         h3 = self.level3(self.down2(h2), emb)

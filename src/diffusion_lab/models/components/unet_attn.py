@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusion_lab.models.components.cross_attention import CrossAttention
-from diffusion_lab.models.components.layers import SinusoidalEmbedding, check_downsampling, check_groups
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, labels_or_null
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -148,7 +148,7 @@ class UnetAttn(nn.Module):
         if context_encoder is not None and not num_classes:
             raise ConfigError("model.context_encoder encodes class labels: it needs data.conditional=true")
         self.context_encoder = context_encoder(num_classes=num_classes) if context_encoder is not None else None
-        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes and context_encoder is None else None
+        self.class_emb = ClassEmbedding(num_classes, emb_dim) if num_classes and context_encoder is None else None
 
         in_out = list(zip(dims[:-1], dims[1:]))
         self.downs = nn.ModuleList()
@@ -189,10 +189,10 @@ class UnetAttn(nn.Module):
         x = self.init_conv(x)
         skip = x.clone()
         emb = self.time_mlp(t)
-        if self.num_classes and class_labels is None:
-            class_labels = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+        if self.num_classes:
+            class_labels = labels_or_null(class_labels, self.num_classes, x.shape[0], x.device)
         if self.class_emb is not None:
-            emb = emb + self.class_emb(class_labels)
+            emb = emb + self.class_emb(class_labels, x.shape[0])
         context = self.context_encoder(class_labels) if self.context_encoder is not None else None
 
         hs = []
