@@ -194,3 +194,30 @@ def test_nll_metric_reports_the_processes_own_bound():
     direct = process.bits_per_dim(net, images.float() / 127.5 - 1, torch.Generator().manual_seed(5))
     assert scores["nll_bpd"] == pytest.approx(direct.double().mean().item(), rel=1e-6)
     assert scores["protocol"]["bound"] == "DPM2015Diffusion.bits_per_dim"
+
+
+def test_fid_callback_reports_the_processes_own_bound(tmp_path):
+    """The FID callback's val/nll_bpd on a dpm2015 model is the paper's bound (bits_per_dim), as metrics=[nll] is,
+    not Ho et al.'s discretized-decoder bound."""
+    from types import SimpleNamespace
+
+    from diffusion_lab.callbacks.fid import FID
+    from diffusion_lab.data.image_datamodule import step_seed
+    from diffusion_lab.metrics.nll import variational_bound
+
+    process = make_process(8)
+    net = FixedOutput(torch.randn(1, 2, 4, 4) * 0.1)
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    split = SimpleNamespace(images=images, labels=torch.zeros(5))
+    datamodule = SimpleNamespace(setup=lambda stage: None, train_set=split, val_set=split, test_set=split)
+    trainer = SimpleNamespace(datamodule=datamodule, global_rank=0, world_size=1,
+                              lightning_module=SimpleNamespace(device=torch.device("cpu")),
+                              strategy=SimpleNamespace(reduce=lambda value, reduce_op: value))
+    callback = FID(str(tmp_path), nll_images=5, batch_size=8, seed=3)
+    logged = callback._nll(trainer, SimpleNamespace(process=process, net=net), conditional=False)
+
+    x0 = images.float() / 127.5 - 1
+    own = process.bits_per_dim(net, x0, torch.Generator().manual_seed(step_seed(3, 0, "nll")))
+    ho = variational_bound(process, net, x0.double(), torch.Generator().manual_seed(step_seed(3, 0, "nll"))).total
+    assert logged == pytest.approx(own.double().mean().item(), rel=1e-6)
+    assert abs(logged - ho.mean().item()) > 1e-3

@@ -13,7 +13,7 @@ from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import split_images
 from diffusion_lab.metrics.extractors import build_extractor
-from diffusion_lab.metrics.nll import variational_bound
+from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.samplers import Sampler
@@ -112,7 +112,7 @@ class FID(Callback):
             protocol = {**self.protocol, "num_samples": self.num_samples, "sampler": str(sampler),
                         "steps": sampler.steps, "seed": self.seed, "weights": "ema" if module is not pl_module else "raw"}
             if self.nll_images:
-                protocol.update(nll_images=self.nll_images, nll_variance=self.nll_variance)
+                protocol.update(nll_images=self.nll_images, **bound_protocol(module.process, self.nll_variance, True))
             self.dirpath.mkdir(parents=True, exist_ok=True)
             with open(self.dirpath / "scores.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scores, "protocol": protocol}) + "\n")
@@ -129,5 +129,5 @@ class FID(Callback):
         for x0, y in zip(images[mine].split(self.batch_size), labels[mine].split(self.batch_size)):
             net_kwargs = {"class_labels": y.to(device)} if conditional else {}
             x0 = x0.to(device).double() / 127.5 - 1
-            total += variational_bound(module.process, module.net, x0, generator, self.nll_variance, **net_kwargs).total.sum()
+            total += bits_per_dim(module.process, module.net, x0, generator, self.nll_variance, **net_kwargs).sum()
         return float(trainer.strategy.reduce(total, reduce_op="sum")) / len(images)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.metrics.extractors import build_extractor
-from diffusion_lab.metrics.nll import variational_bound
+from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
 from diffusion_lab.utils.errors import ConfigError
@@ -75,29 +75,21 @@ def nll_bits_per_dim(
     """Mean (and standard error) over `images` (uint8) of the variational bound in bits/dim, with its protocol."""
     if not isinstance(process, GaussianDiffusion):
         raise ConfigError(f"metrics=[nll] is the bound of Gaussian (DDPM-family) processes; this model's process is {type(process).__name__}")
-    own_bound = getattr(process, "bits_per_dim", None)  # a process with its own bound (dpm2015) reports that one
     nll = options["nll"]
     generator = torch.Generator(device).manual_seed(seed)
     totals = []
     for start in range(0, len(images), options["batch_size"]):
         x0 = images[start : start + options["batch_size"]].to(device).double() / 127.5 - 1
         net_kwargs = {} if labels is None else {"class_labels": labels[start : start + len(x0)].to(device)}
-        if own_bound is not None:
-            totals.append(own_bound(net, x0.to(next(net.parameters()).dtype), generator, **net_kwargs).cpu())
-        else:
-            bound = variational_bound(process, net, x0, generator, nll["variance"], nll["clip_denoised"], **net_kwargs)
-            totals.append(bound.total.cpu())
+        totals.append(bits_per_dim(process, net, x0, generator, nll["variance"], nll["clip_denoised"], **net_kwargs).cpu())
     totals = torch.cat(totals)
     protocol = {
         "num_images": len(images),
         "real_split": options["real_split"],
         "timesteps": process.num_timesteps,
         "seed": seed,
+        **bound_protocol(process, nll["variance"], nll["clip_denoised"]),
     }
-    if own_bound is not None:
-        protocol["bound"] = f"{type(process).__name__}.bits_per_dim"
-    else:
-        protocol.update(bound="Ho et al. 2020 variational bound", variance=nll["variance"], clip_denoised=nll["clip_denoised"])
     standard_error = float(totals.std() / len(totals) ** 0.5) if len(totals) > 1 else float("nan")
     return {"nll_bpd": float(totals.mean()), "nll_bpd_stderr": standard_error, "protocol": protocol}
 

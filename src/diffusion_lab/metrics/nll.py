@@ -79,3 +79,29 @@ def variational_bound(
     to_bits = 1 / (dims * math.log(2))
     timesteps = torch.stack(terms, dim=1) * to_bits
     return BoundTerms(timesteps.sum(1) + prior * to_bits, prior * to_bits, timesteps)
+
+
+def bits_per_dim(
+    process: GaussianDiffusion,
+    net: nn.Module,
+    x0: Tensor,
+    generator: torch.Generator,
+    variance: str = "large",
+    clip_denoised: bool = True,
+    **net_kwargs,
+) -> Tensor:
+    """The bound (B,) in bits/dim of the process's own model: a process that defines its own bound (`bits_per_dim`,
+    dpm2015's learned reverse Gaussians) reports that one, any other Gaussian process Ho et al.'s (`variational_bound`
+    with the fixed `variance` or its learned one). Every consumer (sample.py metrics=[nll], the FID callback) calls
+    this, so one model has one bound everywhere."""
+    own_bound = getattr(process, "bits_per_dim", None)
+    if own_bound is not None:
+        return own_bound(net, x0.to(next(net.parameters()).dtype), generator, **net_kwargs).to(torch.float64)
+    return variational_bound(process, net, x0, generator, variance, clip_denoised, **net_kwargs).total
+
+
+def bound_protocol(process: GaussianDiffusion, variance: str, clip_denoised: bool) -> dict:
+    """What `bits_per_dim` computes for this process, to write beside the score."""
+    if getattr(process, "bits_per_dim", None) is not None:
+        return {"bound": f"{type(process).__name__}.bits_per_dim"}
+    return {"bound": "Ho et al. 2020 variational bound", "variance": variance, "clip_denoised": clip_denoised}
