@@ -2,6 +2,7 @@
 closed forms, training lowers the bound, and sampling is the ancestral draw from the learned Gaussians."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,14 +156,17 @@ def test_training_lowers_the_bound():
 
 def test_ddpm_sampler_over_all_steps_is_the_learned_ancestral_draw():
     """sampler=ddpm (variance auto) with steps = T: x_{t-1} = mu + sigma z at t = T-1..1 (the learned Gaussians,
-    reference code `generate_samples`), the sample being x at index 0 (the paper's x^(1))."""
+    reference code `generate_samples`), the sample being x at index 0 (the paper's x^(1)); by default, as sample.py
+    runs it (clip_denoised=null), with no clipping of x_0."""
     torch.manual_seed(0)
     T = 12
     process = make_process(T)
     net = DPM2015Net(1, 8, timesteps=T, n_hidden_conv=8, n_layers_conv=2, n_hidden_dense_lower=16).eval()
     noise = torch.randn(3, 1, 8, 8)
-    sample = process.sample(net, noise, Sampler("ddpm", T, variance="auto"), clip_denoised=False,
-                            generator=torch.Generator().manual_seed(5))
+    sampler = Sampler("ddpm", T, variance="auto")
+    sample = process.sample(net, noise, sampler, generator=torch.Generator().manual_seed(5))  # the default: no clipping
+    clipped = process.sample(net, noise, sampler, generator=torch.Generator().manual_seed(5), clip_denoised=True)
+    assert (sample - clipped).abs().max() > 1e-3  # clipping x_0 would change this draw: the test can tell them apart
 
     g = torch.Generator().manual_seed(5)
     x = noise.double()
@@ -172,6 +176,9 @@ def test_ddpm_sampler_over_all_steps_is_the_learned_ancestral_draw():
             mean, log_variance = process.p_mean_log_variance(net(x.float(), t.float()), x, t)
             x = mean + (0.5 * log_variance).exp() * torch.randn(x.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(sample, x.float(), atol=1e-5, rtol=0)
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.load(Path(__file__).parents[1] / "configs" / "sample.yaml").clip_denoised is None
 
 
 def test_configuration_errors():

@@ -29,7 +29,10 @@ BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1]
 
 
 class DPM2015Diffusion(GaussianDiffusion):
-    """Sohl-Dickstein et al. 2015: learned reverse mean and variance, trained on the likelihood bound."""
+    """Sohl-Dickstein et al. 2015: learned reverse mean and variance, trained on the likelihood bound. Sampling
+    draws from the learned reverse Gaussians as they are: x_0 estimates are not clipped unless asked."""
+
+    clip_x0 = False
 
     def __init__(self, betas: Tensor):
         if len(betas) < 2:
@@ -96,13 +99,15 @@ class DPM2015Diffusion(GaussianDiffusion):
     # Sampling -----------------------------------------------------------------------------------
 
     def denoiser(
-        self, net: nn.Module, clip_denoised: bool = True, guidance_scale: float = 1.0, **net_kwargs
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0, **net_kwargs
     ) -> Denoiser:
         """The learned p(x_{t-1} | x_t) = N(mu, sigma^2) in the samplers' terms: x_0 such that the posterior mean
         mu_tilde(x_t, x_0) = mu, and v such that sigma^2 = exp(v log beta_t + (1 - v) log beta_tilde_t). So
         sampler=ddpm with variance=auto over all T steps draws exactly from the learned Gaussians (the paper's
         sampling); other samplers and fewer steps use the same x_0 and v as they would a DDPM's. t must be an
-        integer timestep; at t = 0 (not learned) x_0 = x_t. Clipping x_0 to [-1, 1] moves mu accordingly."""
+        integer timestep; at t = 0 (not learned) x_0 = x_t. Clipping x_0 to [-1, 1] (clip_denoised=true; off by
+        default, `clip_x0`) moves mu accordingly."""
+        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
         if guidance_scale != 1:
             raise ConfigError(f"guidance_scale={guidance_scale}: process=dpm2015 has no classifier-free guidance; use 1")
 

@@ -83,7 +83,10 @@ class GaussianDiffusion(nn.Module):
     the second half being v of `DenoiserOutput.variance_interp` (as (v + 1) / 2), and the loss is
     L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, lambda = 0.001), see `vlb_terms`.
     cond_drop_prob: chance that a class label is replaced by the null class in training (Ho & Salimans 2022).
+    clip_x0: whether sampling clips each x_0 estimate to [-1, 1] unless told otherwise (`clip_denoised=None`).
     """
+
+    clip_x0 = True
 
     def __init__(
         self,
@@ -277,11 +280,11 @@ class GaussianDiffusion(nn.Module):
     # Sampling -----------------------------------------------------------------------------------
 
     def denoiser(
-        self, net: nn.Module, clip_denoised: bool = True, guidance_scale: float = 1.0, **net_kwargs
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0, **net_kwargs
     ) -> Denoiser:
         """A function (x_t, t) -> DenoiserOutput over the network. x_t may be float64 (samplers compute in
         float64); the network runs in its own dtype. t may be fractional (see `alpha_bar_at`).
-        Clipping x_0 to [-1, 1] recomputes eps from the clipped x_0.
+        Clipping x_0 to [-1, 1] (clip_denoised; None: the process's `clip_x0`) recomputes eps from the clipped x_0.
 
         Classifier-free guidance (Ho & Salimans 2022, Eq. 6): with class_labels and guidance_scale w != 1, one
         forward over the batch twice, conditional then null-class half, gives eps_u + w (eps_c - eps_u)
@@ -293,6 +296,7 @@ class GaussianDiffusion(nn.Module):
         `self_condition`, the returned function remembers the x_0 of its last call and feeds it as x_self_cond
         to the next call (none on the first): build a fresh denoiser for every sampling run."""
         class_labels = net_kwargs.pop("class_labels", None)
+        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
         if guidance_scale != 1 and class_labels is None:
             raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels (a class-conditional model)")
         self_condition = getattr(net, "self_condition", False)
@@ -337,13 +341,14 @@ class GaussianDiffusion(nn.Module):
         sampler: "Sampler",
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         guidance_scale: float = 1.0,
         **net_kwargs,
     ) -> Tensor:
         """x_0 (float32) from x_T = noise by the given sampler over a fresh denoiser of this process
-        (net_kwargs: class_labels for a class-conditional net); clamped to [-1, 1] when clip_denoised (latent
-        diffusion samples latents, which are not confined to [-1, 1])."""
+        (net_kwargs: class_labels for a class-conditional net); clamped to [-1, 1] when clip_denoised (None: the
+        process's `clip_x0`; latent diffusion samples latents, which are not confined to [-1, 1])."""
+        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
         denoiser = self.denoiser(net, clip_denoised=clip_denoised, guidance_scale=guidance_scale, **net_kwargs)
         x0 = sampler(denoiser, noise, self, callback=callback, generator=generator).float()
         return x0.clamp(-1, 1) if clip_denoised else x0
