@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import compose_train, run_script
+from conftest import ROOT, compose_train, run_script
 from diffusion_lab.utils.cli import user_error
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
@@ -43,10 +43,17 @@ def test_train_cli_exits_with_one_line(tmp_path):
     assert_one_line_error(result, "data.batch_size=-3", ">= 1")
 
 
-def test_unknown_option_is_rejected_by_hydra_with_the_choices(tmp_path):
-    result = run_script("train.py", ["model=nope", f"paths.output_dir={tmp_path}"], check=False)
+@pytest.mark.parametrize("script, group", [("train.py", "model"), ("train.py", "local"), ("sample.py", "sampler")])
+def test_unknown_option_is_rejected_by_hydra_with_the_choices(tmp_path, script, group):
+    """No group is `optional`: a typo'd option is Hydra's error listing the options, never silently skipped."""
+    # if the option were skipped, data.batch_size=0 / the missing ckpt_path would end the run at once
+    args = [f"{group}=nope", "ckpt_path=x"] if script == "sample.py" else [f"{group}=nope", "data.batch_size=0",
+                                                                           f"paths.output_dir={tmp_path}"]
+    result = run_script(script, args, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "Could not find 'model/nope'" in result.stderr and "unet_attn" in result.stderr
+    assert f"Could not find '{group}/nope'" in result.stderr.splitlines()[0], result.stderr
+    options = sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
+    assert options and all(f"\t{option}" in result.stderr for option in options), result.stderr
 
 
 def test_bad_checkpoints_and_sample_settings(tmp_path):
