@@ -1,12 +1,15 @@
 """Bad input ends with a non-zero exit and one clear line naming the key, no traceback; nothing written is lost."""
 
+import functools
+
 import pytest
 import torch
 
-from conftest import ROOT, compose_train, run_script
+from conftest import ROOT, TINY, compose_train, run_script
 from diffusion_lab.utils.cli import user_error
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.lr_schedules import linear_warmup, optimizers_and_schedulers
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -54,6 +57,31 @@ def test_unknown_option_is_rejected_by_hydra_with_the_choices(tmp_path, script, 
     assert f"Could not find '{group}/nope'" in result.stderr.splitlines()[0], result.stderr
     options = sorted(p.stem for p in (ROOT / "configs" / group).glob("*.yaml"))
     assert options and all(f"\t{option}" in result.stderr for option in options), result.stderr
+
+
+@pytest.mark.parametrize(
+    "optimizer, lr_scheduler, fragments",
+    [
+        (functools.partial(torch.optim.Adam, lr=-1), None, ["optimizer.lr=-1", "Invalid learning rate"]),
+        (functools.partial(torch.optim.SGD, lr=0.1, momentum=-1), None, ["optimizer.momentum=-1"]),
+        (functools.partial(torch.optim.AdamW, betas=(0.9, 1.5)), None, ["optimizer.betas=(0.9, 1.5)"]),
+        (functools.partial(torch.optim.RMSprop, lr=1e-3, alpah=0.9), None, ["optimizer.alpah=0.9", "'alpah'"]),
+        (functools.partial(torch.optim.Adam), functools.partial(linear_warmup, warmup_steps="x"),
+         ["lr_scheduler.warmup_steps=x"]),
+        (functools.partial(torch.optim.Adam), functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1),
+         ["lr_scheduler.max_lr=0.1", "total_steps"]),
+    ],
+)
+def test_optimizer_and_scheduler_arguments_are_config_errors(optimizer, lr_scheduler, fragments):
+    with pytest.raises(ConfigError) as error:
+        optimizers_and_schedulers([torch.nn.Parameter(torch.zeros(2))], optimizer, lr_scheduler)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_a_bad_learning_rate_ends_train_py_with_one_line(tmp_path):
+    result = run_script("train.py", [*TINY, "optimizer.lr=-1", f"paths.output_dir={tmp_path}"], check=False)
+    assert_one_line_error(result, "optimizer.lr=-1", "Invalid learning rate")
 
 
 def test_bad_checkpoints_and_sample_settings(tmp_path):
