@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import needs_fashion_mnist
 from diffusion_lab.data import datasets
-from diffusion_lab.data.image_datamodule import EpochShuffleSampler, ImageDataModule
+from diffusion_lab.data.image_datamodule import EpochShuffleSampler, ImageDataModule, ResumableLoader
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -114,12 +114,33 @@ def test_datamodule_scales_to_unit_interval_and_checks_shapes(tmp_path):
         ImageDataModule("fashion_mnist", str(tmp_path), image_size=28, channels=1, batch_size=0)
 
 
-def test_epoch_shuffle_is_a_function_of_seed_and_epoch_and_skips_on_resume():
+def test_epoch_shuffle_is_a_function_of_seed_and_epoch_and_starts_where_told():
     a, b = EpochShuffleSampler(50, seed=1), EpochShuffleSampler(50, seed=1)
     assert list(a) == list(b)
     a.set_epoch(1)
     assert list(a) != list(b) and sorted(a) == list(range(50))
     b.set_epoch(1)
     full = list(b)
-    b.skip = 20
+    b.start = 20
     assert list(b) == full[20:]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_state_counts_the_batches_taken_not_those_read_ahead(num_workers):
+    dataset = torch.utils.data.TensorDataset(torch.arange(40))
+    epoch = [1]
+
+    def loader():
+        return ResumableLoader(dataset, EpochShuffleSampler(40, seed=3), 4, current_epoch=lambda: epoch[0],
+                               num_workers=num_workers)
+
+    full = [batch.tolist() for batch, in loader()]
+    interrupted = loader()
+    batches = iter(interrupted)
+    taken = [next(batches)[0].tolist() for _ in range(3)]  # a worker has read further ahead by now
+    assert interrupted.state_dict() == {"epoch": 1, "batches": 3}
+    resumed = loader()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert taken + [batch.tolist() for batch, in resumed] == full
+    resumed.load_state_dict({"epoch": 0, "batches": 10})  # a finished epoch 0: epoch 1 starts from its first batch
+    assert [batch.tolist() for batch, in resumed] == full

@@ -1,6 +1,7 @@
 """`ImageDataModule`: train / validation / test splits of an image data set, scaled to [-1, 1]."""
 
 import hashlib
+from typing import Callable
 
 import torch
 from lightning import LightningDataModule
@@ -36,19 +37,48 @@ class UInt8ImageDataset(Dataset):
 class EpochShuffleSampler(DistributedSampler):
     """A random permutation that is a pure function of (seed, epoch), cut to a multiple of `num_replicas` and dealt
     round-robin: `rank` takes every num_replicas-th index (DistributedSampler's sharding; being one, Lightning does
-    not wrap it). After a resume it skips the `skip` samples this rank already trained on in that epoch. Lightning
-    calls `set_epoch` each epoch."""
+    not wrap it). Lightning calls `set_epoch` each epoch; `start` is the first position of the shard to yield."""
 
     def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+        self.start = 0
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(step_seed(self.seed, "shuffle", self.epoch))
         order = torch.randperm(len(self.dataset), generator=generator)[: self.total_size]
-        shard = order[self.rank : self.total_size : self.num_replicas][self.skip :]
-        self.skip = 0
-        return iter(shard.tolist())
+        return iter(order[self.rank : self.total_size : self.num_replicas][self.start :].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader over an EpochShuffleSampler, with its place in the data as its state: `state_dict`
+    is (epoch, batches handed out), which Lightning saves with the loop state in every checkpoint and gives back
+    through `load_state_dict` on resume, so a resumed epoch goes on at the first batch not trained on. Batches are
+    counted here, as the trainer takes them, not in the sampler, which worker processes read ahead. Each pass
+    shuffles for `current_epoch()` (the trainer's epoch: the one Lightning passes to `set_epoch` runs one ahead
+    after resuming from a checkpoint saved at the end of an epoch or at max_steps)."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochShuffleSampler, batch_size: int,
+                 current_epoch: Callable[[], int] | None = None, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self.current_epoch = current_epoch or (lambda: sampler.epoch)
+        self.batches_done = 0
+        self._resume_at: dict[str, int] | None = None
+
+    def __iter__(self):
+        epoch, resume = self.current_epoch(), self._resume_at
+        self._resume_at = None
+        self.batches_done = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = self.batches_done * self.batch_size
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_at = dict(state_dict)
 
 
 class ImageDataModule(LightningDataModule):
@@ -84,7 +114,6 @@ class ImageDataModule(LightningDataModule):
         self.val_size, self.num_classes, self.conditional, self.seed = val_size, num_classes, conditional, seed
         self.pin_memory = pin_memory
         self.train_set = self.val_set = self.test_set = None
-        self._train_sampler = None
 
     def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """The uint8 images (N, C, H, W) and labels of one split, checked against image_size and channels."""
@@ -112,22 +141,17 @@ class ImageDataModule(LightningDataModule):
         if stage in ("test", None) and self.test_set is None:
             self.test_set = UInt8ImageDataset(*self.load_split(train=False))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         if len(self.train_set) < self.batch_size:
             raise ConfigError(f"data.batch_size={self.batch_size} exceeds the {len(self.train_set)} training images")
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._train_sampler = EpochShuffleSampler(len(self.train_set), self.seed, world_size, rank)
-        if trainer is not None and trainer.global_step > 0:
-            batches_per_epoch = len(self._train_sampler) // self.batch_size
-            done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * batches_per_epoch
-            self._train_sampler.skip = max(done, 0) * self.batch_size
-        return DataLoader(
+        return ResumableLoader(
             self.train_set,
-            batch_size=self.batch_size,
-            sampler=self._train_sampler,
+            EpochShuffleSampler(len(self.train_set), self.seed, world_size, rank),
+            self.batch_size,
+            current_epoch=(lambda: trainer.current_epoch) if trainer is not None else None,
             num_workers=self.num_workers,
-            drop_last=True,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
