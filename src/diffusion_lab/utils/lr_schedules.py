@@ -20,8 +20,9 @@ def build(key: str, factory: Callable[..., Any], **arguments) -> Any:
         return factory(**arguments)
     except (ValueError, TypeError) as error:
         func = getattr(factory, "func", factory)
-        given = ", ".join(f"{key}.{name}={value}" for name, value in getattr(factory, "keywords", {}).items())
-        raise ConfigError(f"{key}: {getattr(func, '__name__', func)} refuses {given or 'its defaults'}: {error}") from error
+        given = ", ".join(f"{key}.{arg}={value}" for arg, value in getattr(factory, "keywords", {}).items())
+        name = getattr(func, "__name__", func)
+        raise ConfigError(f"{key}: {name} refuses {given or 'its defaults'}: {error}") from error
 
 
 def optimizers_and_schedulers(params, optimizer: Callable[..., torch.optim.Optimizer],
