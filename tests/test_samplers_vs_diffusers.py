@@ -11,17 +11,21 @@ from toy_models import TinyNet
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.samplers import Sampler
+from diffusion_lab.samplers.spacing import timesteps_for
 
 T, STEPS, TOL = 40, 8, 1e-5  # T % STEPS == 0: diffusers DDIM takes prev = t - T // STEPS, not the next listed step
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction"}
 
 
 def make_scheduler(cls, process: GaussianDiffusion, **config):
-    """A diffusers scheduler over our betas, with its float32 tables replaced by our float64 ones."""
-    scheduler = cls(num_train_timesteps=T, trained_betas=process.betas.numpy(), **config)
+    """A diffusers scheduler over our betas, with its float32 tables replaced by our float64 ones (and, with
+    rescale_betas_zero_snr, alpha_bar_T = 0 replaced by 2^-24 as its __init__ does)."""
+    scheduler = cls(num_train_timesteps=process.num_timesteps, trained_betas=process.betas.numpy(), **config)
     scheduler.betas = process.betas.clone()
     scheduler.alphas = 1 - process.betas
     scheduler.alphas_cumprod = process.alphas_cumprod.clone()
+    if config.get("rescale_betas_zero_snr"):
+        scheduler.alphas_cumprod[-1] = 2.0**-24
     return scheduler
 
 
@@ -117,3 +121,32 @@ def test_learned_variance_matches_diffusers_learned_range():
     theirs = run_diffusers(scheduler, net, process, noise, STEPS, torch.Generator().manual_seed(2))
     ours = run_ours(Sampler("ddpm", STEPS, "uniform"), net, process, noise, torch.Generator().manual_seed(2), True)
     assert (ours - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("algorithm, cls", [("dpm_solver_pp", diffusers.DPMSolverMultistepScheduler),
+                                            ("unipc", diffusers.UniPCMultistepScheduler)])
+def test_zero_terminal_snr_at_300_steps_matches_diffusers(algorithm, cls, one_thread):
+    """Linear T=1000, zero terminal SNR, v, 300 trailing steps: the second visited alpha_bar (3.9e-8) is below
+    2^-24, so only the terminal 0 may be replaced (diffusers' rescale_betas_zero_snr), or h = 0 and the solvers
+    divide by it. Finite, and diffusers' trajectory."""
+    process = GaussianDiffusion(beta_schedule("linear", 1000, zero_terminal_snr=True), objective="v")
+    net = TinyNet(channels=2)
+    noise = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scheduler = make_scheduler(cls, process, prediction_type="v_prediction", solver_order=2,
+                               timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    theirs = run_diffusers(scheduler, net, process, noise, 300, None)
+    ours = run_ours(Sampler(algorithm, 300, "trailing"), net, process, noise, None, False)
+    assert torch.isfinite(theirs).all() and torch.isfinite(ours).all(), (~torch.isfinite(ours)).sum().item()
+    assert (ours - theirs).abs().max() < TOL
+
+
+def test_karras_spacing_below_two_to_the_minus_24_matches_diffusers():
+    """Plain cosine, T=1000: alpha_bar_T = 2.4e-9 < 2^-24. sigma_max is sigma(T-1) = 2.0e4 (Karras et al. Eq. 5,
+    unclamped): the sigmas and fractional timesteps of diffusers' use_karras_sigmas."""
+    process = GaussianDiffusion(beta_schedule("cosine", 1000))
+    scheduler = make_scheduler(diffusers.EulerDiscreteScheduler, process, use_karras_sigmas=True)
+    scheduler.set_timesteps(10)
+    timesteps = timesteps_for("karras", process.alphas_cumprod, 10)
+    alpha_bars = process.alpha_bar_at(timesteps)
+    assert torch.allclose(((1 - alpha_bars) / alpha_bars).sqrt(), scheduler.sigmas[:-1].double(), rtol=1e-5)
+    assert torch.allclose(timesteps, scheduler.timesteps.double(), atol=1e-3), timesteps.tolist()

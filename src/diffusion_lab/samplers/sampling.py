@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import Denoiser
+from diffusion_lab.diffusion.gaussian import Denoiser, nonzero_alpha_bar
 from diffusion_lab.utils.errors import ConfigError
 
 NoiseSampler = Callable[[Tensor], Tensor]
@@ -31,12 +31,6 @@ def _batch(t: Tensor, x: Tensor) -> Tensor:
 def _check(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"sampler.{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
-
-
-def _finite_snr(alpha_bars: Tensor) -> Tensor:
-    """alpha_bar clamped at 2^-24: a zero-terminal-SNR schedule has alpha_bar_T = 0, where sigma and lambda are
-    infinite; the solvers then start from alpha_bar = 2^-24, as diffusers does (Lin et al. 2024)."""
-    return alpha_bars.clamp(min=2.0**-24)
 
 
 def _sigmas(alpha_bars: Tensor) -> Tensor:
@@ -137,7 +131,7 @@ def dpm_solver_pp(
     previous steps' h over h, and phi = 1 - e^-h:
     x_next = sigma_next / sigma_i x + alpha_next phi D0 + alpha_next (1 - phi/h) D1 - alpha_next ((h - phi)/h^2 - 1/2) D2."""
     _check("order", order, (1, 2, 3))
-    alpha_bars = _finite_snr(alpha_bars)
+    alpha_bars = nonzero_alpha_bar(alpha_bars)
     lambdas, alphas, sigmas = _lambdas(alpha_bars), alpha_bars.sqrt(), (1 - alpha_bars).sqrt()
     n, x0s = len(timesteps), []
     for i, t in enumerate(timesteps):
@@ -200,7 +194,7 @@ def unipc(
     the predicted point, the corrector UniC raises the order by one at no extra evaluation (the evaluation is
     reused by the next predictor). lower_order_final caps the order at the steps left (as diffusers)."""
     _check("order", order, (1, 2, 3))
-    alpha_bars = _finite_snr(alpha_bars)
+    alpha_bars = nonzero_alpha_bar(alpha_bars)
     lambdas, alphas, sigmas = _lambdas(alpha_bars), alpha_bars.sqrt(), (1 - alpha_bars).sqrt()
     n, x0s, previous = len(timesteps), [], None
     for i, t in enumerate(timesteps):
@@ -237,7 +231,7 @@ def heun(
     """Heun's 2nd-order method on the probability-flow ODE d(x/sqrt(alpha_bar))/d sigma = eps_hat (Karras et al.
     2022, Alg. 1 without churn): 2 evaluations a step, the last step (to sigma = 0) an Euler step, 2n - 1 in all.
     Use with spacing=karras for the paper's steps; fractional timesteps reach alpha_bar by `alpha_bar_at`."""
-    alpha_bars = _finite_snr(alpha_bars)
+    alpha_bars = nonzero_alpha_bar(alpha_bars)
     sigmas, n = _sigmas(alpha_bars), len(timesteps)
     x = x / alpha_bars[0].sqrt()  # = x_0 + sigma eps
     for i, t in enumerate(timesteps):
@@ -266,15 +260,17 @@ def euler_ancestral(
 ) -> Tensor:
     """Euler ancestral (k-diffusion's sample_euler_ancestral): an Euler step of the probability-flow ODE down to
     sigma_down, then fresh noise of std sigma_up, with sigma_up = min(sigma_next, eta sqrt(sigma_next^2
-    (sigma^2 - sigma_next^2) / sigma^2)) and sigma_down = sqrt(sigma_next^2 - sigma_up^2)."""
+    (sigma^2 - sigma_next^2) / sigma^2)) and sigma_down = sqrt(sigma_next^2 - sigma_up^2); sigma_up = 0 where sigma
+    rises (after the 2^-24 of a zero terminal SNR, `nonzero_alpha_bar`), where diffusers' sqrt gives NaN."""
     noise_sampler = noise_sampler or torch.randn_like
-    alpha_bars = _finite_snr(alpha_bars)
+    alpha_bars = nonzero_alpha_bar(alpha_bars)
     sigmas = _sigmas(alpha_bars)
     x = x / alpha_bars[0].sqrt()
     for i, t in enumerate(timesteps):
         out = denoiser(x * alpha_bars[i].sqrt(), _batch(t, x))
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+        drop = (sigma**2 - sigma_next**2).clamp(min=0)
+        sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * drop / sigma**2).sqrt())
         sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
         x = x + (sigma_down - sigma) * out.eps
         if sigma_up > 0:
