@@ -38,25 +38,51 @@ def tiny_overrides(data_root: Path, output_dir: Path, max_steps: int) -> list[st
     ]
 
 
-def run_train(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+def run_train(args: list[str], timeout: float = 400, check: bool = True) -> subprocess.CompletedProcess:
     """`python train.py ARGS` from the repository root, with tests/ importable (for the probe callbacks)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
                WANDB_MODE="offline", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 class SendSignal(Callback):
-    """Sends `signum` to this process after optimizer step `at_step`: a deterministic stand-in for a preemption."""
+    """Sends `signum` to this process once, from Lightning hook `hook` when `trainer.global_step == at_step`
+    (`on_train_batch_end`: after optimizer step `at_step`): a deterministic stand-in for a preemption or Ctrl-C."""
 
-    def __init__(self, at_step: int, signum: str = "SIGTERM"):
-        self.at_step, self.signum = at_step, getattr(signal, signum)
+    def __init__(self, at_step: int, signum: str = "SIGTERM", hook: str = "on_train_batch_end"):
+        self.at_step, self.signum, self.sent = at_step, getattr(signal, signum), False
+        setattr(self, hook, self.send)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
+    def send(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self.at_step and not trainer.sanity_checking and not self.sent:
+            self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class PoisonBatch(Callback):
+    """Fills the images of the batch of step `at_step + 1` with NaN: that step's loss is not finite."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            batch[0].fill_(float("nan"))
+
+
+class StartTwin(Callback):
+    """Starts a second run on this run's folder (resuming it, ckpt_path=auto) while this one trains."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from omegaconf import OmegaConf
+
+        from diffusion_lab.train import train
+
+        train(OmegaConf.create({**pl_module.run_config, "ckpt_path": "auto"}))
 
 
 class RankProbe(Callback):

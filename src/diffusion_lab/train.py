@@ -1,7 +1,13 @@
 """`train(cfg)`: build data, process, backbone, callbacks, loggers and trainer from a composed config, then fit."""
 
+import fcntl
+import os
+import signal
+import sys
+import threading
 import uuid
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +20,13 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from diffusion_lab.builders import build_net, build_process
-from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint
+from diffusion_lab.models.diffusion_module import NonFiniteLoss
+from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 
@@ -37,6 +45,62 @@ def resolve_ckpt_path(cfg: DictConfig) -> None:
         last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
         with open_dict(cfg):
             cfg.ckpt_path = str(last) if last.is_file() else None
+
+
+@contextmanager
+def claim_output_dir(cfg: DictConfig):
+    """Holds `<output_dir>/.lock` (an flock, gone with the process) for the run, so two runs never interleave in one
+    folder; a folder that holds checkpoints takes only a run resumed from one of them (ckpt_path=auto).
+    DDP ranks > 0 share rank 0's folder and claim nothing."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    ckpt_path = cfg.get("ckpt_path")
+    in_place = ckpt_path is not None and output_dir in Path(ckpt_path).resolve().parents
+    if not in_place and any((output_dir / "checkpoints").glob("*.ckpt")):
+        raise ConfigError(f"paths.output_dir={output_dir} already holds a run's checkpoints; continue it with "
+                          "ckpt_path=auto, or choose another paths.output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"paths.output_dir={output_dir} is in use by another run (pid {lock.read().strip() or '?'}); "
+                              "wait for it to end or choose another paths.output_dir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+@contextmanager
+def ctrl_c_as_sigterm():
+    """Ctrl-C (SIGINT) takes Lightning's SIGTERM path: the run stops after the optimizer step or validation batch
+    in flight with a whole last.ckpt; a second Ctrl-C interrupts at once and saves nothing. Yields the signals seen."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield received
+        return
+
+    def on_sigint(signum, frame) -> None:
+        received.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def last_checkpoint_note(cfg: DictConfig) -> str:
+    """Which step `<output_dir>/checkpoints/last.ckpt` holds, for the line that ends a stopped run."""
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    step = saved_step(last)
+    return f"{last} holds step {step}" if step is not None else "no checkpoint was written"
 
 
 def check_resume(cfg: DictConfig) -> dict[str, Any]:
@@ -99,6 +163,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     resolve_ckpt_path(cfg)
+    with claim_output_dir(cfg):
+        return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build everything from `cfg` and fit; a stopped run ends in one line saying which step last.ckpt holds."""
     resumed = check_resume(cfg) if cfg.get("ckpt_path") else None
     configure_wandb(cfg, resumed)
     rank_zero_only(write_resolved_config)(cfg, cfg.paths.output_dir)  # DDP ranks > 0 share rank 0's run folder
@@ -127,7 +197,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with ctrl_c_as_sigterm() as received:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException as error:  # preempted or Ctrl-C: exit 128 + signal number, as the shell reports it
+        signum = received[0] if received else signal.SIGTERM
+        if rank_zero_only.rank == 0:
+            print(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; {last_checkpoint_note(cfg)}; "
+                  f"continue with ckpt_path=auto paths.output_dir={cfg.paths.output_dir}", file=sys.stderr)
+        raise SystemExit(128 + signum) from error
+    except (NonFiniteLoss, OSError) as error:  # OSError: a full disk, a lost mount
+        raise ConfigError(f"{error}; {last_checkpoint_note(cfg)}") from error
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):
             import wandb

@@ -21,6 +21,7 @@ class EMA(WeightAveraging):
         if update_every_n_steps < 1:
             raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
+        self._swapped_in = False  # the averaged weights are in the module (validation)
         super().__init__(multi_avg_fn=self._ema_update, use_buffers=True)
 
     def _ema_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
@@ -34,6 +35,21 @@ class EMA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx % self.update_every_n_steps == 0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped_in = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped_in = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stop inside validation (SIGTERM) finds the averaged weights swapped in: swap back before the
+        checkpoint callbacks (which Lightning calls last) save, or last.ckpt would hold raw and EMA exchanged."""
+        if self._swapped_in:
+            self._swap_models(pl_module)
+            self._swapped_in = False
 
     @property
     def averaged_module(self) -> nn.Module | None:

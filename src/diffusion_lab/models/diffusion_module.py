@@ -10,11 +10,16 @@ from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or inf; train.py ends the run with it in one line."""
+
+
 class DiffusionModule(LightningModule):
     """Trains `net` under `process`. Every random draw of a training step (timesteps, noise, ...) comes from a
     generator seeded by (seed, rank, step), so each rank draws its own and a resumed run repeats exactly what an
     uninterrupted one would have drawn. `run_config` (plain containers) is saved in every checkpoint, which is all
-    that sampling needs."""
+    that sampling needs. The first step with a non-finite loss is recorded on the device (no host sync per step)
+    and raised as NonFiniteLoss every `log_every_n_steps` and before any checkpoint is written, so none holds it."""
 
     def __init__(
         self,
@@ -30,6 +35,7 @@ class DiffusionModule(LightningModule):
         self.net, self.process = net, process
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed, self.conditional, self.run_config = seed, conditional, run_config or {}
+        self._first_nonfinite_step: Tensor | None = None  # -1 while every loss is finite
 
     def _generator(self, *purpose: int | str) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(step_seed(self.seed, *purpose))
@@ -45,8 +51,27 @@ class DiffusionModule(LightningModule):
         purpose = (self.global_rank, self.global_step, micro) if micro else (self.global_rank, self.global_step)
         losses, t = self._losses(batch, self._generator(*purpose, "train"))
         loss = losses.mean()
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.tensor(-1, device=loss.device)
+        unseen = loss.isfinite() | (self._first_nonfinite_step >= 0)
+        self._first_nonfinite_step = torch.where(unseen, self._first_nonfinite_step, self.global_step + 1)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def on_train_batch_end(self, outputs: Tensor, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self, checkpoint: dict | None = None) -> None:
+        """NonFiniteLoss naming the first step whose loss was NaN or inf, or whose weights in `checkpoint` are."""
+        step = -1 if self._first_nonfinite_step is None else int(self._first_nonfinite_step)
+        if step >= 0:
+            raise NonFiniteLoss(f"the training loss is not finite at step {step}; stopped (a lower optimizer.lr or "
+                                "trainer.gradient_clip_val=1.0 often helps)")
+        tensors = [t for key in ("state_dict", "current_model_state") for t in (checkpoint or {}).get(key, {}).values()]
+        floats = [t for t in tensors if t.is_floating_point()]
+        if floats and not torch.stack([t.isfinite().all() for t in floats]).all():
+            raise NonFiniteLoss(f"the weights are not finite at step {self.global_step}; stopped")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # the same timesteps and noise at every validation, so val/loss curves compare like with like
@@ -57,4 +82,5 @@ class DiffusionModule(LightningModule):
         return optimizers_and_schedulers(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_nonfinite(checkpoint)
         checkpoint["config"] = self.run_config

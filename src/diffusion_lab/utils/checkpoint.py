@@ -12,13 +12,15 @@ from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 
 WEIGHTS = ("ema", "raw")
+FORMAT_VERSION = 1  # of what this project writes into checkpoints; raise it when a reader must change
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch.save, to a temporary name renamed onto the target: an interrupted save never leaves a
-    half-written checkpoint in place of a good one."""
+    half-written checkpoint in place of a good one. Stamps `format_version` into every checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        checkpoint["format_version"] = FORMAT_VERSION
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
@@ -35,7 +37,19 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
         raise ConfigError(f"{key}={path} is not a readable checkpoint (truncated or not saved by torch): {first_line[:200]}") from error
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a checkpoint of this project (no saved config); train one with train.py")
+    version = checkpoint.get("format_version", FORMAT_VERSION)  # checkpoints from before the field are version 1
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ConfigError(f"{key}={path} has checkpoint format {version}, newer than this diffusion-lab reads (up to "
+                          f"{FORMAT_VERSION}); upgrade diffusion-lab (pip install -e .) to load it")
     return checkpoint
+
+
+def saved_step(path: str | Path) -> int | None:
+    """The global step a checkpoint file holds (memory-mapped: no weights read), None if there is none."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError):
+        return None
 
 
 def model_weights(checkpoint: dict[str, Any], weights: str = "ema") -> dict[str, torch.Tensor]:
