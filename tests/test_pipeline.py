@@ -118,3 +118,21 @@ def test_every_group_option_composes():
             with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
                 cfg = compose("train.yaml", overrides=[f"{group}={option}"])
             assert cfg.model._target_ and cfg.data._target_, (group, option)
+
+
+@needs_fashion_mnist
+def test_sample_media_sampler_override_as_its_config_comment_writes_it(tmp_path):
+    """configs/callbacks/sample_media.yaml's example sampler, given as a train.py override (steps shrunk to 2),
+    draws the media: its GIF has x_T and one frame per DDIM step (the run's own sampler: sampler.steps + 1 = 21)."""
+    comment = next(line for line in Path(CONFIGS, "callbacks", "sample_media.yaml").read_text().splitlines()
+                   if line.strip().startswith("sampler:"))
+    example = comment[comment.index("{"): comment.rindex("}") + 1]
+    from diffusion_lab.train import train
+
+    cfg = compose_train([f"callbacks.sample_media.sampler={example}", "callbacks.sample_media.sampler.steps=2",
+                         "trainer.max_steps=1"], tmp_path)
+    _, objects = train(cfg)
+    callback = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "SampleMedia")
+    assert repr(callback.sampler) == "ddim(steps=2, spacing=uniform)"
+    (gif,) = (tmp_path / "samples").glob("step_*.gif")
+    assert Image.open(gif).n_frames == 3

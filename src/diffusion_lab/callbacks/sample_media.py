@@ -10,20 +10,25 @@ from lightning.pytorch.utilities import rank_zero_only
 from diffusion_lab.builders import backbone_shape
 from diffusion_lab.callbacks.ema import averaged_or_current
 from diffusion_lab.generate import generate
+from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.media import save_gif, save_grid
 
 
 class SampleMedia(Callback):
     """Writes `<dirpath>/step_<k>.png` (a grid of `num_samples`) and `step_<k>.gif` every `every_n_steps`
-    optimizer steps and at the end of training, and logs them as `media/samples` and `media/trajectory`."""
+    optimizer steps and at the end of training, and logs them as `media/samples` and `media/trajectory`, sampled
+    with `sampler` (built by the recursive instantiation of the callbacks; None: the run's own)."""
 
-    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: dict | None = None,
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, sampler: Sampler | None = None,
                  trajectory_samples: int = 8, seed: int = 0):
         if every_n_steps < 1 or num_samples < 1:
             raise ConfigError("callbacks.sample_media.every_n_steps and num_samples must be >= 1")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise ConfigError(f"callbacks.sample_media.sampler={sampler} is not a sampler config; give null or "
+                              "{_target_: diffusion_lab.samplers.Sampler, algorithm: ddim, steps: 50}")
         self.dirpath, self.every_n_steps, self.num_samples = Path(dirpath), every_n_steps, num_samples
-        self.sampler_cfg, self.trajectory_samples, self.seed = sampler, trajectory_samples, seed
+        self.sampler, self.trajectory_samples, self.seed = sampler, trajectory_samples, seed
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
@@ -38,7 +43,7 @@ class SampleMedia(Callback):
     def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_step = step = trainer.global_step
         module = averaged_or_current(trainer, pl_module)
-        sampler = instantiate(self.sampler_cfg if self.sampler_cfg is not None else pl_module.run_config["sampler"])
+        sampler = self.sampler if self.sampler is not None else instantiate(pl_module.run_config["sampler"])
         data = pl_module.run_config["data"]
         labels = list(range(data["num_classes"])) if pl_module.conditional else None
         first_stage = getattr(module, "first_stage", None)  # latent diffusion: decode the sampled latents
