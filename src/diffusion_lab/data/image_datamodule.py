@@ -37,7 +37,7 @@ class UInt8ImageDataset(Dataset):
 class EpochShuffleSampler(DistributedSampler):
     """A random permutation that is a pure function of (seed, epoch), cut to a multiple of `num_replicas` and dealt
     round-robin: `rank` takes every num_replicas-th index (DistributedSampler's sharding; being one, Lightning does
-    not wrap it). Lightning calls `set_epoch` each epoch; `start` is the first position of the shard to yield."""
+    not wrap it). ResumableLoader sets `epoch` and `start`, the first position of the shard to yield, each pass."""
 
     def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(range(length), num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
