@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, compose_train, run_script
+from toy_models import TinyNet
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.schedules import beta_schedule
+from diffusion_lab.generate import generate
+from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.cli import user_error
-from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path
 from diffusion_lab.utils.lr_schedules import linear_warmup, optimizers_and_schedulers
 
@@ -98,6 +104,35 @@ def test_bad_checkpoints_and_sample_settings(tmp_path):
     ]
     for args, fragments in cases:
         assert_one_line_error(run_script("sample.py", [*args, f"output_dir={tmp_path / 'out'}"], check=False), *fragments)
+
+
+class NaNBelow(TinyNet):
+    """TinyNet whose output is NaN at timesteps below 12."""
+
+    def forward(self, x, t, **kwargs):
+        return torch.where(t.reshape(-1, 1, 1, 1) < 12, torch.nan, super().forward(x, t, **kwargs))
+
+
+def test_nonfinite_samples_and_decoded_latents_raise_naming_the_step_and_sampler():
+    process = GaussianDiffusion(beta_schedule("linear", 20))
+    sampler = Sampler("ddim", 5)  # t = 19, 14, 10, 5, 0
+    with pytest.raises(NonFiniteError, match=r"sampler ddim\(steps=5.*step 3 of 5 \(t=10\)"):
+        generate(process, NaNBelow(channels=1), sampler, 4, 2, (1, 4, 4), trajectory_samples=1)
+    with pytest.raises(NonFiniteError, match="decoder"):
+        generate(process, TinyNet(channels=1), sampler, 2, 2, (1, 4, 4), decode=lambda z: z + torch.inf)
+
+
+def test_sample_py_on_nonfinite_weights_ends_in_one_line_and_writes_nothing(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    for value in checkpoint["state_dict"].values():
+        if value.is_floating_point():
+            value.fill_(torch.nan)
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    out = tmp_path / "samples"
+    result = run_script("sample.py", [f"ckpt_path={tmp_path / 'nan.ckpt'}", "sampler=ddim", "sampler.steps=2",
+                                      "num_samples=2", "batch_size=2", f"output_dir={out}"], check=False)
+    assert_one_line_error(result, "sampler ddim(steps=2", "step 1 of 2", "NaN or inf")
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_failed_run_leaves_earlier_outputs_intact(trained_run, tmp_path):

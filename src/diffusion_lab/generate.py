@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.errors import NonFiniteError
 from diffusion_lab.utils.media import to_uint8
 
 
@@ -37,7 +38,8 @@ def generate(
     `class_labels` (cycled over the samples) condition a class-conditional model. The first `trajectory_samples`
     samples also give about `trajectory_frames` frames of x_t from noise to image. Latent diffusion: `decode`
     (the first stage's decoder) maps the sampled latents, and the trajectory's x_t, to images; latents are not
-    confined to [-1, 1], so their x_0 estimates are not clipped."""
+    confined to [-1, 1], so their x_0 estimates are not clipped. An image with NaN or inf raises NonFiniteError
+    naming the first step whose x_t was not finite (recorded on the device: one host sync per batch, not per step)."""
     if decode is not None:
         sample_kwargs["clip_denoised"] = False
     to_image = decode or (lambda x: x)
@@ -58,17 +60,33 @@ def generate(
         if class_labels:
             labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
             kwargs["class_labels"] = torch.tensor(labels, device=device)
-        callback = None
-        if start == 0 and trajectory_samples:
-            k = min(trajectory_samples, n)
-            every = max(1, sampler.steps // trajectory_frames)
+        k = min(trajectory_samples, n) if start == 0 else 0
+        every = max(1, sampler.steps // trajectory_frames)
+        if k:
             frames.append(to_uint8(to_image(noise[:k])))
+        history = []  # (t, x_t finite) of each step, as device tensors
 
-            def callback(state, k=k, every=every):
-                if (state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1:
-                    frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
+        def callback(state, k=k, every=every, history=history):
+            history.append((state["t"], state["x"].isfinite().all()))
+            if k and ((state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1):
+                frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
 
         x0 = process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)
-        batches.append(to_uint8(to_image(x0)))
+        images = to_image(x0)
+        if not images.isfinite().all():
+            raise NonFiniteError(nonfinite_message(sampler, history, x0, decode is not None, start, n))
+        batches.append(to_uint8(images))
     net.train(was_training)
     return Generated(np.concatenate(batches), frames)
+
+
+def nonfinite_message(sampler: Sampler, history: list, x0: torch.Tensor, decoded: bool, start: int, n: int) -> str:
+    """Where a batch's images became NaN or inf: the sampler's first step with a non-finite x_t, or the decoder."""
+    where = f"samples {start}..{start + n - 1} of sampler {sampler}"
+    bad = [i for i, (_, finite) in enumerate(history) if not finite]
+    if bad:
+        t = float(history[bad[0]][0])
+        return f"{where}: x_t is NaN or inf from step {bad[0] + 1} of {len(history)} (t={t:g}) on; no samples written"
+    if decoded and x0.isfinite().all():
+        return f"{where}: the first stage's decoder made NaN or inf of finite latents; no samples written"
+    return f"{where}: x_0 is NaN or inf in float32 after the last step; no samples written"

@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A bad override or file: the message names the key and what is allowed."""
+
+
+class NonFiniteError(ConfigError):
+    """NaN or inf where an image must be (a sampler's output, a decoded latent): the message names the step."""
