@@ -47,36 +47,38 @@ def generate(
     generator = torch.Generator(device).manual_seed(seed)
     was_training = net.training
     net.eval()
-    batches, frames = [], []
-    starts = range(0, num_samples, batch_size)
-    if progress:
-        from rich.progress import track
+    try:
+        batches, frames = [], []
+        starts = range(0, num_samples, batch_size)
+        if progress:
+            from rich.progress import track
 
-        starts = track(starts, description=f"sampling {num_samples} with {sampler}")
-    for start in starts:
-        n = min(batch_size, num_samples - start)
-        noise = torch.randn((n, *shape), generator=generator, device=device)
-        kwargs = dict(sample_kwargs)
-        if class_labels:
-            labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
-            kwargs["class_labels"] = torch.tensor(labels, device=device)
-        k = min(trajectory_samples, n) if start == 0 else 0
-        every = max(1, sampler.steps // trajectory_frames)
-        if k:
-            frames.append(to_uint8(to_image(noise[:k])))
-        history = []  # (t, x_t finite) of each step, as device tensors
+            starts = track(starts, description=f"sampling {num_samples} with {sampler}")
+        for start in starts:
+            n = min(batch_size, num_samples - start)
+            noise = torch.randn((n, *shape), generator=generator, device=device)
+            kwargs = dict(sample_kwargs)
+            if class_labels:
+                labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
+                kwargs["class_labels"] = torch.tensor(labels, device=device)
+            k = min(trajectory_samples, n) if start == 0 else 0
+            every = max(1, sampler.steps // trajectory_frames)
+            if k:
+                frames.append(to_uint8(to_image(noise[:k])))
+            history = []  # (t, x_t finite) of each step, as device tensors
 
-        def callback(state, k=k, every=every, history=history):
-            history.append((state["t"], state["x"].isfinite().all()))
-            if k and ((state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1):
-                frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
+            def callback(state, k=k, every=every, history=history):
+                history.append((state["t"], state["x"].isfinite().all()))
+                if k and ((state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1):
+                    frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
 
-        x0 = process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)
-        images = to_image(x0)
-        if not images.isfinite().all():
-            raise NonFiniteError(nonfinite_message(sampler, history, x0, decode is not None, start, n))
-        batches.append(to_uint8(images))
-    net.train(was_training)
+            x0 = process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)
+            images = to_image(x0)
+            if not images.isfinite().all():
+                raise NonFiniteError(nonfinite_message(sampler, history, x0, decode is not None, start, n))
+            batches.append(to_uint8(images))
+    finally:
+        net.train(was_training)
     return Generated(np.concatenate(batches), frames)
 
 

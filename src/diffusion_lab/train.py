@@ -25,9 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from diffusion_lab.builders import build_net, build_process
-from diffusion_lab.models.diffusion_module import NonFiniteLoss
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
-from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path
 
 
@@ -205,7 +204,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             print(f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; {last_checkpoint_note(cfg)}; "
                   f"continue with ckpt_path=auto paths.output_dir={cfg.paths.output_dir}", file=sys.stderr)
         raise SystemExit(128 + signum) from error
-    except (NonFiniteLoss, OSError) as error:  # OSError: a full disk, a lost mount
+    except (NonFiniteError, OSError) as error:  # a NaN loss, weights or samples; OSError: a full disk, a lost mount
         raise ConfigError(f"{error}; {last_checkpoint_note(cfg)}") from error
     finally:
         if any(isinstance(logger, WandbLogger) for logger in loggers):

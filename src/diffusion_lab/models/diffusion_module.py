@@ -7,11 +7,8 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from diffusion_lab.data.image_datamodule import step_seed
+from diffusion_lab.utils.errors import NonFiniteError
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or inf; train.py ends the run with it in one line."""
 
 
 class DiffusionModule(LightningModule):
@@ -19,7 +16,7 @@ class DiffusionModule(LightningModule):
     generator seeded by (seed, rank, step), so each rank draws its own and a resumed run repeats exactly what an
     uninterrupted one would have drawn. `run_config` (plain containers) is saved in every checkpoint, which is all
     that sampling needs. The first step with a non-finite loss is recorded on the device (no host sync per step)
-    and raised as NonFiniteLoss every `log_every_n_steps` and before any checkpoint is written, so none holds it."""
+    and raised as NonFiniteError every `log_every_n_steps` and before any checkpoint is written, so none holds it."""
 
     def __init__(
         self,
@@ -63,15 +60,15 @@ class DiffusionModule(LightningModule):
             self.raise_if_nonfinite()
 
     def raise_if_nonfinite(self, checkpoint: dict | None = None) -> None:
-        """NonFiniteLoss naming the first step whose loss was NaN or inf, or whose weights in `checkpoint` are."""
+        """NonFiniteError naming the first step whose loss was NaN or inf, or whose weights in `checkpoint` are."""
         step = -1 if self._first_nonfinite_step is None else int(self._first_nonfinite_step)
         if step >= 0:
-            raise NonFiniteLoss(f"the training loss is not finite at step {step}; stopped (a lower optimizer.lr or "
+            raise NonFiniteError(f"the training loss is not finite at step {step}; stopped (a lower optimizer.lr or "
                                 "trainer.gradient_clip_val=1.0 often helps)")
         tensors = [t for key in ("state_dict", "current_model_state") for t in (checkpoint or {}).get(key, {}).values()]
         floats = [t for t in tensors if t.is_floating_point()]
         if floats and not torch.stack([t.isfinite().all() for t in floats]).all():
-            raise NonFiniteLoss(f"the weights are not finite at step {self.global_step}; stopped")
+            raise NonFiniteError(f"the weights are not finite at step {self.global_step}; stopped")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         # the same timesteps and noise at every validation, so val/loss curves compare like with like

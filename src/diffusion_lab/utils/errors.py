@@ -6,4 +6,4 @@ class ConfigError(ValueError):
 
 
 class NonFiniteError(ConfigError):
-    """NaN or inf where an image must be (a sampler's output, a decoded latent): the message names the step."""
+    """NaN or inf in a training loss, the weights, a sampler's output or a decoded latent: the message names the step."""
