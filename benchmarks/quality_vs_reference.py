@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import time
 from pathlib import Path
 
@@ -119,10 +120,11 @@ def reference_runs(budgets: list[int], batch_size: int, num_samples: int, object
         yield budget, (samples.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), step * batch_size / seconds
 
 
-def project_runs(overrides: list[str], budgets: list[int], batch_size: int, num_samples: int, weights: list[str], out: Path,
+def project_runs(name: str, overrides: list[str], budgets: list[int], batch_size: int, num_samples: int, weights: list[str], out: Path,
                  seed: int):
     """Yields (steps, {weights: uint8 samples}, images/s) of `python train.py OVERRIDES` at each budget, resuming."""
-    run_dir, ckpt, seconds = out / "runs" / "_".join(overrides or ["default"]).replace("/", "-"), None, 0.0
+    run_dir, ckpt, seconds = out / "runs" / name, None, 0.0
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own scratch run: a rerun starts it afresh
     for budget in budgets:
         cfg = compose_train([f"trainer.max_steps={budget}", f"data.batch_size={batch_size}", "logger=none",
                              f"paths.output_dir={run_dir}", "callbacks.sample_media=null",
@@ -191,7 +193,7 @@ def main() -> None:
             continue
         if side not in projects:
             parser.error(f"side {side!r} is neither reference nor a --project name ({', '.join(projects)})")
-        for steps, samples, speed in project_runs(projects[side], budgets, args.batch_size, args.num_samples, args.weights.split(","), out,
+        for steps, samples, speed in project_runs(side, projects[side], budgets, args.batch_size, args.num_samples, args.weights.split(","), out,
                                                  args.seed):
             for weights, images in samples.items():
                 name = side if weights == "ema" else f"{side}:raw"

@@ -23,6 +23,7 @@ register_resolvers()
 
 DPM2015_TINY = ["model.n_hidden_conv=8", "model.n_layers_conv=2", "model.n_hidden_dense_lower=16", "model.n_layers_dense_lower=2"]
 PRESETS = {  # preset: tiny-width overrides (each preset's own recipe otherwise)
+    "ddpm_fashion_mnist_tutorial": ["model.dim=8", "model.dim_mults=[1,2]", "model.attn_heads=1", "model.attn_dim_head=8"],
     "ddpm_mnist_simple": ["model.dims=[8,16,16,16]", "model.time_dim=16"],
     "dpm2015_mnist": DPM2015_TINY,
     "dpm2015_cifar10": DPM2015_TINY,
@@ -89,6 +90,7 @@ def test_preset_trains_under_debug_fast_and_samples(preset, data_root, tmp_path)
 
 def test_presets_carry_the_tutorials_recipes():
     expected = {  # preset: (model target, process target, T, optimizer, lr, batch size)
+        "ddpm_fashion_mnist_tutorial": ("UnetAttn", "GaussianDiffusion", 300, "Adam", 1e-3, 128),
         "ddpm_mnist_simple": ("SimpleUNet", "GaussianDiffusion", 1000, "Adam", 1e-3, 64),
         "dpm2015_mnist": ("DPM2015Net", "DPM2015Diffusion", 1000, "RMSprop", 1e-3, 512),
         "dpm2015_cifar10": ("DPM2015Net", "DPM2015Diffusion", 1000, "RMSprop", 1e-3, 512),
@@ -100,6 +102,9 @@ def test_presets_carry_the_tutorials_recipes():
         assert cfg.model._target_.endswith(model) and cfg.process._target_.endswith(process), preset
         assert (cfg.schedule.timesteps, cfg.optimizer._target_.split(".")[-1], cfg.optimizer.lr, cfg.data.batch_size) == (
             timesteps, optimizer, lr, batch_size), preset
+    tutorial = compose_config("train.yaml", ["experiment=ddpm_fashion_mnist_tutorial"])
+    assert (tutorial.schedule.beta_start, tutorial.schedule.beta_end, tutorial.process.loss_type, tutorial.process.objective) == (
+        1e-4, 0.02, "huber", "eps")
     cifar = compose_config("train.yaml", ["experiment=ddpm_cifar10"])
     assert (cifar.trainer.max_steps, cifar.trainer.gradient_clip_val, cifar.callbacks.ema.decay) == (800_000, 1.0, 0.9999)
     assert (cifar.lr_scheduler.warmup_steps, cifar.model.dropout, cifar.data.random_flip) == (5000, 0.1, True)

@@ -25,7 +25,16 @@ def first_stage(path: str) -> dict:
     return first_stage_config(load_autoencoder_checkpoint(path))
 
 
+def scale_beta(beta: float, timesteps: int) -> float:
+    """`${scale_beta:BETA,T}` = BETA * 1000 / T: Ho et al.'s betas (1e-4..0.02) are for T = 1000; scaled so for T
+    steps, alpha_bar_T stays near 0 at any T (Nichol & Dhariwal 2021, improved-diffusion `get_named_beta_schedule`;
+    denoising-diffusion-pytorch's `linear_beta_schedule`)."""
+    return float(beta) * 1000 / int(timesteps)
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("scale_beta"):
+        OmegaConf.register_new_resolver("scale_beta", scale_beta)
     if not OmegaConf.has_resolver("wandb_mode"):
         OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
     if not OmegaConf.has_resolver("first_stage"):
