@@ -29,6 +29,8 @@ def scale_beta(beta: float, timesteps: int) -> float:
     """`${scale_beta:BETA,T}` = min(BETA * 1000 / T, 0.999): Ho et al.'s betas (1e-4..0.02) are for T = 1000; scaled
     so, alpha_bar_T stays near 0 at any T (Nichol & Dhariwal 2021, improved-diffusion `get_named_beta_schedule`;
     denoising-diffusion-pytorch's `linear_beta_schedule`); capped below 1 (T < 21) as their cosine betas are."""
+    if int(timesteps) < 1:  # beta_schedule refuses such timesteps in one line
+        return float(beta)
     return min(float(beta) * 1000 / int(timesteps), 0.999)
 
 
