@@ -1,6 +1,6 @@
 """What benchmarks/quality_vs_reference.py found behind the default's slow start, pinned so it cannot come back:
-the tutorial's T=300 linear schedule ends far from the N(0, I) that sampling starts from, and an eps prediction
-amplifies its error into x_0 at the noisy end. The default experiment fixes both."""
+the tutorial's T=300 linear schedule (betas 1e-4..0.02 unscaled) ends far from the N(0, I) that sampling starts
+from. The default scales the betas by 1000/T, as the reference implementation does."""
 
 from pathlib import Path
 
@@ -54,18 +54,3 @@ def test_reference_implementation_uses_the_same_schedule():
     reference = pytest.importorskip("denoising_diffusion_pytorch.denoising_diffusion_pytorch", reason="pip install -e '.[bench]'")
     torch.testing.assert_close(process_of([]).betas, reference.linear_beta_schedule(300))
 
-
-def test_default_objective_does_not_amplify_its_error_into_x0():
-    """With alpha_bar_T near 0, x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies an eps error by sqrt((1-a)/a)
-    (171 at the default's T); the default's v gives x_0 = sqrt(a) x_t - sqrt(1 - a) v: never more than the error."""
-    default = process_of([])
-    tutorial_objective = process_of(["process.objective=eps"])
-    a = default.alphas_cumprod.reshape(-1, 1, 1, 1)
-    x_t = torch.randn(len(a), 1, 2, 2, dtype=torch.float64)
-    output, error = torch.randn_like(x_t), 1e-3 * torch.randn_like(x_t)
-    for process, bound in ((default, 1.0), (tutorial_objective, None)):
-        gain = (process.to_x0_eps(x_t, a, output + error)[0] - process.to_x0_eps(x_t, a, output)[0]).abs() / error.abs()
-        if bound is None:
-            assert gain.max() > 100
-        else:
-            assert gain.max() <= bound + 1e-9
