@@ -5,12 +5,16 @@ upsampling, Xavier-uniform initialization with the last layer of each residual b
 With ch=128, ch_mult=[1, 2, 2, 2], attention at level 1 (16x16) and 2 blocks per level it has 35,746,307
 parameters, as the paper's configuration."""
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups
+from diffusion_lab.models.components.layers import (
+    ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed,
+)
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -60,7 +64,7 @@ class DDPMUNet(nn.Module):
     """Widths ch * ch_mult; the resolution halves between levels (len(ch_mult) - 1 times); num_res_blocks
     ResBlocks per level going down and num_res_blocks + 1 going up; attention at the levels in attn_levels
     (level 1 is 16x16 for 32x32 inputs). `num_classes` adds a class embedding (index num_classes = "null") to
-    the time embedding."""
+    the time embedding. `gradient_checkpointing` recomputes each ResBlock in the backward pass while training."""
 
     def __init__(
         self,
@@ -74,6 +78,7 @@ class DDPMUNet(nn.Module):
         norm_groups: int = 32,
         out_channels: int | None = None,
         num_classes: int | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if ch < 1 or not ch_mult or any(m < 1 for m in ch_mult) or num_res_blocks < 1:
@@ -85,7 +90,7 @@ class DDPMUNet(nn.Module):
             raise ConfigError(f"model.attn_levels={list(attn_levels)}: levels {bad} do not exist; allowed: 0..{len(ch_mult) - 1}")
         check_downsampling("ddpm_unet", image_size, len(ch_mult) - 1)
         check_groups("ddpm_unet", "norm_groups", norm_groups, [ch * m for m in ch_mult])
-        self.num_classes = num_classes
+        self.num_classes, self.gradient_checkpointing = num_classes, gradient_checkpointing
         emb_dim = ch * 4
         self.time_emb = nn.Sequential(
             SinusoidalEmbedding(ch), xavier(nn.Linear(ch, emb_dim)), nn.SiLU(), xavier(nn.Linear(emb_dim, emb_dim))
@@ -123,13 +128,14 @@ class DDPMUNet(nn.Module):
         emb = self.time_emb(t)
         if self.class_emb is not None:
             emb = emb + self.class_emb(class_labels, x.shape[0])
+        run = partial(checkpointed, self.gradient_checkpointing and self.training)
         h = self.head(x)
         hs = [h]
         for layer in self.down:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            h = run(layer, h, emb) if isinstance(layer, ResBlock) else layer(h)
             hs.append(h)
         for layer in self.middle:
-            h = layer(h, emb)
+            h = run(layer, h, emb)
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
+            h = run(layer, torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         return self.tail(h)

@@ -1,9 +1,11 @@
 """Layers shared by the backbones."""
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusion_lab.utils.errors import ConfigError
 
@@ -58,3 +60,9 @@ class ClassEmbedding(nn.Embedding):
 
     def forward(self, class_labels: Tensor | None, batch_size: int) -> Tensor:
         return super().forward(labels_or_null(class_labels, self.num_classes, batch_size, self.weight.device))
+
+
+def checkpointed(enabled: bool, block: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """block(*args); when enabled, its activations are not kept but recomputed in the backward pass (gradient
+    checkpointing, Chen et al. 2016; torch.utils.checkpoint, non-reentrant: same outputs and gradients)."""
+    return checkpoint(block, *args, use_reentrant=False) if enabled else block(*args)

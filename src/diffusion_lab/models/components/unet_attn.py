@@ -11,7 +11,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusion_lab.models.components.cross_attention import CrossAttention
-from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, labels_or_null
+from diffusion_lab.models.components.layers import (
+    ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed, labels_or_null,
+)
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -115,7 +117,8 @@ class UnetAttn(nn.Module):
     `num_classes` adds a class embedding (with one extra "null" class for classifier-free guidance) to the
     time embedding; with a `context_encoder` (a factory called with num_classes, e.g. a partial `ClassTokens`)
     the classes enter instead as a context sequence (B, L, D) that cross-attention blocks after every attention
-    attend to (Rombach et al. 2022, Sec. 3.3)."""
+    attend to (Rombach et al. 2022, Sec. 3.3). `gradient_checkpointing` recomputes each ResNet, attention and
+    cross-attention block in the backward pass while training."""
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class UnetAttn(nn.Module):
         attn_heads: int = 4,
         attn_dim_head: int = 32,
         context_encoder: Callable[..., nn.Module] | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if dim < 1 or not dim_mults or any(m < 1 for m in dim_mults):
@@ -138,7 +142,7 @@ class UnetAttn(nn.Module):
         dims = [dim, *(dim * m for m in dim_mults)]
         check_groups("unet_attn", "resnet_block_groups", resnet_block_groups, dims)
         self.channels, self.self_condition, self.num_classes = channels, self_condition, num_classes
-        self.out_channels = out_channels or channels
+        self.out_channels, self.gradient_checkpointing = out_channels or channels, gradient_checkpointing
         emb_dim = dim * 4
         block = partial(ResnetBlock, emb_dim=emb_dim, groups=resnet_block_groups)
         attn = partial(LinearAttention, heads=attn_heads, dim_head=attn_dim_head)
@@ -194,25 +198,26 @@ class UnetAttn(nn.Module):
         if self.class_emb is not None:
             emb = emb + self.class_emb(class_labels, x.shape[0])
         context = self.context_encoder(class_labels) if self.context_encoder is not None else None
+        run = partial(checkpointed, self.gradient_checkpointing and self.training)
 
         hs = []
         for i, (block1, block2, attn, down) in enumerate(self.downs):
-            x = block1(x, emb)
+            x = run(block1, x, emb)
             hs.append(x)
-            x = attn(block2(x, emb))
+            x = run(attn, run(block2, x, emb))
             if context is not None:
-                x = self.down_cross[i](x, context)
+                x = run(self.down_cross[i], x, context)
             hs.append(x)
             x = down(x)
-        x = self.mid_attn(self.mid_block1(x, emb))
+        x = run(self.mid_attn, run(self.mid_block1, x, emb))
         if context is not None:
-            x = self.mid_cross(x, context)
-        x = self.mid_block2(x, emb)
+            x = run(self.mid_cross, x, context)
+        x = run(self.mid_block2, x, emb)
         for i, (block1, block2, attn, up) in enumerate(self.ups):
-            x = block1(torch.cat([x, hs.pop()], dim=1), emb)
-            x = attn(block2(torch.cat([x, hs.pop()], dim=1), emb))
+            x = run(block1, torch.cat([x, hs.pop()], dim=1), emb)
+            x = run(attn, run(block2, torch.cat([x, hs.pop()], dim=1), emb))
             if context is not None:
-                x = self.up_cross[i](x, context)
+                x = run(self.up_cross[i], x, context)
             x = up(x)
-        x = self.final_block(torch.cat([x, skip], dim=1), emb)
+        x = run(self.final_block, torch.cat([x, skip], dim=1), emb)
         return self.final_conv(x)
