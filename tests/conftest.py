@@ -22,7 +22,7 @@ register_resolvers()
 # The default experiment shrunk: an 8-wide U-Net, 20 timesteps, CSV logs, few steps.
 TINY = [
     "model.dim=8", "model.dim_mults=[1,2]", "model.attn_heads=1", "model.attn_dim_head=8",
-    "schedule.timesteps=20", "sampler.steps=20", "data.batch_size=8", "data.val_size=16",
+    "sampler.steps=20", "data.batch_size=8", "data.val_size=16",
     "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.max_epochs=-1", "trainer.limit_val_batches=1",
     "trainer.val_check_interval=3", "logger=csv", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null",
     "+trainer.enable_progress_bar=false", "callbacks.sample_media.every_n_steps=1000",
@@ -34,11 +34,19 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
+def has_beta_schedule(overrides: list[str]) -> bool:
+    """Whether the run composed from `overrides` keeps a DDPM beta schedule (flow-matching and EDM runs have none)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.startswith(("experiment=", "process=", "schedule="))]
+    return not any(name.startswith(("rectified_flow", "edm", "flow_matching", "null")) for name in chosen)
+
+
 def compose_train(overrides: list[str], output_dir: Path):
-    """configs/train.yaml composed with TINY, the given overrides and output_dir, as Hydra's compose API gives it."""
+    """configs/train.yaml composed with TINY (and T=20 for a DDPM schedule), the given overrides and output_dir, as
+    Hydra's compose API gives it."""
     GlobalHydra.instance().clear()
+    schedule = ["schedule.timesteps=20"] if has_beta_schedule(overrides) else []
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("train.yaml", overrides=[*TINY, *overrides, f"paths.output_dir={output_dir}",
+        return compose("train.yaml", overrides=[*TINY, *schedule, *overrides, f"paths.output_dir={output_dir}",
                                                 f"paths.data_dir={output_dir}/data"])
 
 

@@ -1,17 +1,40 @@
-"""Building the process and the backbone from a composed config: one place, used by training and sampling."""
+"""Building the model object from a composed config: one place, used by training, sampling and the benchmarks."""
 
+import inspect
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from torch import nn
 
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models import autoencoder_module
+from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.utils.errors import ConfigError
 
 
 def build_process(cfg: Any) -> nn.Module:
-    """The diffusion process of `cfg.process` over the betas of `cfg.schedule`."""
-    return instantiate(cfg["process"], betas=beta_schedule(**cfg["schedule"]))
+    """The diffusion process of `cfg.process`; a DDPM-family process (one that takes `betas`) gets the betas of
+    `cfg.schedule`, and any other refuses a schedule, which it would ignore. Each option the process does not
+    take is a one-line error."""
+    process_cfg, schedule = dict(cfg["process"]), cfg.get("schedule")
+    target = process_cfg.get("_target_", "?")
+    try:
+        parameters = inspect.signature(get_class(target)).parameters
+    except (ImportError, ValueError) as error:
+        raise ConfigError(f"process._target_={target} cannot be imported: {str(error).splitlines()[0]}") from error
+    unknown = [key for key in process_cfg if key != "_target_" and key not in parameters]
+    if unknown:
+        options = [name for name in parameters if name != "betas"]
+        raise ConfigError(f"process.{unknown[0]} is not an option of process {target.rsplit('.', 1)[-1]}; its options "
+                          f"are: {', '.join(options)}")
+    if "betas" in parameters:
+        if not schedule:
+            raise ConfigError(f"process {target.rsplit('.', 1)[-1]} needs a beta schedule: add schedule=linear (or cosine, ...)")
+        return instantiate(process_cfg, betas=beta_schedule(**schedule))
+    if schedule:
+        raise ConfigError(f"schedule is set, but process {target.rsplit('.', 1)[-1]} takes no beta schedule and would "
+                          "ignore it: add schedule=null (the flow-matching and EDM presets do)")
+    return instantiate(process_cfg)
 
 
 def backbone_shape(cfg: Any) -> tuple[int, int, int]:
@@ -25,17 +48,42 @@ def backbone_shape(cfg: Any) -> tuple[int, int, int]:
     return data["channels"], data["image_size"], data["image_size"]
 
 
+def num_classes(cfg: Any) -> int | None:
+    """The classes of a class-conditional config (data.conditional=true), else None."""
+    data = cfg["data"]
+    return data["num_classes"] if data.get("conditional", False) else None
+
+
 def build_net(cfg: Any, process: nn.Module) -> nn.Module:
     """The backbone of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process
     needs and, for class-conditional data, the number of classes."""
-    data = cfg["data"]
-    num_classes = data["num_classes"] if data.get("conditional", False) else None
     channels, image_size, _ = backbone_shape(cfg)
     return instantiate(cfg["model"], channels=channels, image_size=image_size,
-                       out_channels=process.output_channels(channels), num_classes=num_classes)
+                       out_channels=process.output_channels(channels), num_classes=num_classes(cfg))
 
 
-def build_first_stage(cfg: Any) -> nn.Module | None:
-    """The frozen first stage (autoencoder and latent scale factor, untrained weights) of a latent-diffusion
-    config, None for pixel diffusion; its weights are in the checkpoint under `first_stage.`."""
-    return autoencoder_module.build_first_stage(cfg["first_stage"]) if cfg.get("first_stage") else None
+def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
+    """The model object of a config: process, backbone, first stage, sample shape, classes. Latent diffusion loads
+    the first stage's weights from `cfg.first_stage_ckpt` when `trained_first_stage` (training); sampling from a
+    checkpoint builds it untrained and loads the whole model's weights from the checkpoint."""
+    process = build_process(cfg)
+    net = build_net(cfg, process)
+    first_stage = None
+    if cfg.get("first_stage"):
+        if trained_first_stage:
+            first_stage = autoencoder_module.load_first_stage(cfg["first_stage_ckpt"])
+            check_first_stage_data(first_stage, cfg)
+        else:
+            first_stage = autoencoder_module.build_first_stage(cfg["first_stage"])
+    return DiffusionModel(net, process, backbone_shape(cfg), first_stage, num_classes(cfg))
+
+
+def check_first_stage_data(first_stage: nn.Module, cfg: Any) -> None:
+    """The autoencoder must encode images of the data's shape."""
+    data, autoencoder = cfg["data"], first_stage.autoencoder
+    if (data["channels"], data["image_size"]) != (autoencoder.channels, autoencoder.image_size):
+        raise ConfigError(
+            f"first_stage_ckpt={cfg['first_stage_ckpt']} encodes {autoencoder.image_size}x{autoencoder.image_size}x"
+            f"{autoencoder.channels} images, but data={data.get('dataset', '?')} has {data['image_size']}x"
+            f"{data['image_size']}x{data['channels']}; use an autoencoder trained on this data set"
+        )

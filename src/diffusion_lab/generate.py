@@ -1,12 +1,11 @@
 """Drawing samples from a trained model in batches: what `sample.py` and the training callbacks share."""
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import NonFiniteError
 from diffusion_lab.utils.media import to_uint8
@@ -20,33 +19,27 @@ class Generated:
 
 @torch.no_grad()
 def generate(
-    process: nn.Module,
-    net: nn.Module,
+    model: DiffusionModel,
     sampler: Sampler,
     num_samples: int,
     batch_size: int,
-    shape: tuple[int, int, int],
     seed: int = 0,
     class_labels: list[int] | None = None,
     trajectory_samples: int = 0,
     trajectory_frames: int = 40,
     progress: bool = False,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **sample_kwargs,
 ) -> Generated:
-    """`num_samples` images from x_T ~ N(0, I), batch by batch, reproducible under `seed` (for a given batch size).
-    `class_labels` (cycled over the samples) condition a class-conditional model. The first `trajectory_samples`
-    samples also give about `trajectory_frames` frames of x_t from noise to image. Latent diffusion: `decode`
-    (the first stage's decoder) maps the sampled latents, and the trajectory's x_t, to images; latents are not
-    confined to [-1, 1], so their x_0 estimates are not clipped. An image with NaN or inf raises NonFiniteError
-    naming the first step whose x_t was not finite (recorded on the device: one host sync per batch, not per step)."""
-    if decode is not None:
-        sample_kwargs["clip_denoised"] = False
-    to_image = decode or (lambda x: x)
-    device = next(net.parameters()).device
+    """`num_samples` images from x ~ N(0, I) at the model's sample shape, batch by batch, reproducible under `seed`
+    (for a given batch size), decoded by the model's first stage (latent diffusion). `class_labels` (cycled over the
+    samples) condition a class-conditional model. The first `trajectory_samples` samples also give about
+    `trajectory_frames` frames of x_t from noise to image (decoded too). An image with NaN or inf raises
+    NonFiniteError naming the first step whose x_t was not finite (recorded on the device: one host sync per batch,
+    not per step)."""
+    device = next(model.net.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    was_training = net.training
-    net.eval()
+    was_training = model.training
+    model.eval()
     try:
         batches, frames = [], []
         starts = range(0, num_samples, batch_size)
@@ -56,7 +49,7 @@ def generate(
             starts = track(starts, description=f"sampling {num_samples} with {sampler}")
         for start in starts:
             n = min(batch_size, num_samples - start)
-            noise = torch.randn((n, *shape), generator=generator, device=device)
+            noise = torch.randn((n, *model.sample_shape), generator=generator, device=device)
             kwargs = dict(sample_kwargs)
             if class_labels:
                 labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
@@ -64,21 +57,21 @@ def generate(
             k = min(trajectory_samples, n) if start == 0 else 0
             every = max(1, sampler.steps // trajectory_frames)
             if k:
-                frames.append(to_uint8(to_image(noise[:k])))
-            history = []  # (t, x_t finite) of each step, as device tensors
+                frames.append(to_uint8(model.decode(noise[:k])))
+            history = []  # (noise level sigma / alpha, x finite) of each step, as device tensors
 
             def callback(state, k=k, every=every, history=history):
-                history.append((state["t"], state["x"].isfinite().all()))
+                history.append((state["sigma"] / state["alpha"], state["x"].isfinite().all()))
                 if k and ((state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1):
-                    frames.append(to_uint8(to_image(state["x"][:k].to(noise.dtype))))
+                    frames.append(to_uint8(model.decode(state["x"][:k].to(noise.dtype))))
 
-            x0 = process.sample(net, noise, sampler, callback=callback, generator=generator, **kwargs)
-            images = to_image(x0)
+            x0 = model.sample(noise, sampler, callback=callback, generator=generator, **kwargs)
+            images = model.decode(x0)
             if not images.isfinite().all():
-                raise NonFiniteError(nonfinite_message(sampler, history, x0, decode is not None, start, n))
+                raise NonFiniteError(nonfinite_message(sampler, history, x0, model.latent, start, n))
             batches.append(to_uint8(images))
     finally:
-        net.train(was_training)
+        model.train(was_training)
     return Generated(np.concatenate(batches), frames)
 
 
@@ -87,8 +80,9 @@ def nonfinite_message(sampler: Sampler, history: list, x0: torch.Tensor, decoded
     where = f"samples {start}..{start + n - 1} of sampler {sampler}"
     bad = [i for i, (_, finite) in enumerate(history) if not finite]
     if bad:
-        t = float(history[bad[0]][0])
-        return f"{where}: x_t is NaN or inf from step {bad[0] + 1} of {len(history)} (t={t:g}) on; no samples written"
+        level = float(history[bad[0]][0])
+        return (f"{where}: x_t is NaN or inf from step {bad[0] + 1} of {len(history)} (noise level sigma/alpha={level:.4g}) "
+                "on; no samples written")
     if decoded and x0.isfinite().all():
         return f"{where}: the first stage's decoder made NaN or inf of finite latents; no samples written"
     return f"{where}: x_0 is NaN or inf in float32 after the last step; no samples written"

@@ -7,9 +7,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.builders import backbone_shape, build_first_stage, build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import needs_samples, write_scores
+from diffusion_lab.metrics.nll import check_bound
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.media import forward_noising_figure, save_gif, save_grid, save_samples
@@ -38,26 +40,14 @@ def sampler_config(saved: dict, override: DictConfig) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(base.sampler, resolve=True))
 
 
-def load_model(checkpoint: dict, weights: str, device: torch.device) -> tuple[Any, Any]:
-    """(process, net) of a checkpoint, with the chosen weights, in eval mode on `device`."""
-    config = checkpoint["config"]
-    process = build_process(config)
-    net = build_net(config, process)
-    state = model_weights(checkpoint, weights)
+def load_model(checkpoint: dict, weights: str, device: torch.device) -> DiffusionModel:
+    """The model object of a checkpoint (its saved config), with the chosen weights, in eval mode on `device`."""
+    model = build_model(checkpoint["config"], trained_first_stage=False)
     try:
-        net.load_state_dict(submodule_state(state, "net"))
+        model.load_state_dict(submodule_state(model_weights(checkpoint, weights), "model"))
     except RuntimeError as error:
         raise ConfigError(f"the checkpoint's weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
-    return process.to(device).eval(), net.to(device).eval()
-
-
-def load_first_stage(checkpoint: dict, weights: str, device: torch.device) -> Any:
-    """The frozen first stage stored in a latent-diffusion checkpoint, on `device`; None for pixel diffusion."""
-    first_stage = build_first_stage(checkpoint["config"])
-    if first_stage is not None:
-        first_stage.load_state_dict(submodule_state(model_weights(checkpoint, weights), "first_stage"))
-        first_stage.to(device)
-    return first_stage
+    return model.to(device).eval()
 
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
@@ -71,9 +61,11 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     checkpoint = load_checkpoint(cfg.ckpt_path)
     config = checkpoint["config"]
     device = resolve_device(cfg.device)
-    process, net = load_model(checkpoint, cfg.weights, device)
-    first_stage = load_first_stage(checkpoint, cfg.weights, device)
+    model = load_model(checkpoint, cfg.weights, device)
     sampler = instantiate(sampler_config(config, cfg.sampler))
+    sampler.check(*model.sampling_grid(sampler))
+    if "forward" in cfg.figures and model.latent:
+        raise ConfigError("figures=[forward] draws the process on images; this model diffuses latents")
 
     data = config["data"]
     conditional = data.get("conditional", False)
@@ -89,13 +81,14 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         labels = list(range(data["num_classes"]))
 
     options = cfg.get("metrics")  # metrics=[fid,kid,prec_recall,nll]: see diffusion_lab.metrics.evaluate
+    if options and "nll" in options:
+        check_bound(model)  # before any sampling
     if options and not needs_samples(options):  # metrics=[nll]: the bound needs no sampling
-        return {"metrics": write_scores(options, Path(cfg.output_dir), process, net, None, data, sampler, cfg.seed,
+        return {"metrics": write_scores(options, Path(cfg.output_dir), model, None, data, sampler, cfg.seed,
                                         device, cfg.ckpt_path)}
 
-    out = generate(process, net, sampler, cfg.num_samples, cfg.batch_size, backbone_shape(config), seed=cfg.seed,
-                   class_labels=labels, trajectory_samples=cfg.trajectory_samples, progress=True,
-                   decode=first_stage.decode if first_stage is not None else None, **kwargs)
+    out = generate(model, sampler, cfg.num_samples, cfg.batch_size, seed=cfg.seed, class_labels=labels,
+                   trajectory_samples=cfg.trajectory_samples, progress=True, **kwargs)
     output_dir = Path(cfg.output_dir)
     paths = {"samples": output_dir / "samples.npz", "grid": output_dir / "grid.png", "trajectory": output_dir / "trajectory.gif"}
     save_samples(out.samples, paths["samples"])
@@ -105,10 +98,10 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         paths["forward"] = output_dir / "forward.png"
         datamodule = instantiate(data)
         images, _ = datamodule.load_split(train=False)
-        steps = process.num_timesteps
-        timesteps = sorted({0, steps // 10, steps // 4, steps // 2, 3 * steps // 4, steps - 1})
-        forward_noising_figure(process, images[:4].float() / 127.5 - 1, timesteps, paths["forward"], seed=cfg.seed)
+        alphas, sigmas = model.process.sampling_grid(5, model.process.default_spacing)  # data, then 5 levels to noise
+        forward_noising_figure(alphas.flip(0), sigmas.flip(0), images[:4].float() / 127.5 - 1, paths["forward"],
+                               seed=cfg.seed)
     if options:
-        paths["metrics"] = write_scores(options, output_dir, process, net, out.samples, data, sampler, cfg.seed, device,
+        paths["metrics"] = write_scores(options, output_dir, model, out.samples, data, sampler, cfg.seed, device,
                                         cfg.ckpt_path)
     return paths

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path
@@ -150,6 +150,12 @@ def compile_net(net: nn.Module) -> nn.Module:
     return net
 
 
+def check_sampler(model: nn.Module, sampler: Any) -> None:
+    """The run's sampler must lay out its grid on the model's process (spacing, steps) before training starts, not
+    at the first sample grid hours later."""
+    sampler.check(*model.sampling_grid(sampler))
+
+
 def write_resolved_config(cfg: DictConfig, output_dir: str) -> None:
     """`<output_dir>/.hydra/config.yaml` with every interpolation resolved (Hydra writes it unresolved)."""
     with atomic_path(f"{output_dir}/.hydra/config.yaml") as tmp:
@@ -174,17 +180,15 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    process = build_process(cfg)
-    net = build_net(cfg, process)
+    model = build_model(cfg)
+    check_sampler(model, instantiate(cfg.sampler))
     if cfg.get("compile"):
-        net = compile_net(net)
+        model.net = compile_net(model.net)
     module = instantiate(cfg.module, _partial_=True)(
-        net=net,
-        process=process,
+        model=model,
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         seed=cfg.seed,
-        conditional=cfg.data.get("conditional", False),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"))

@@ -13,8 +13,9 @@ from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import split_images
 from diffusion_lab.metrics.extractors import build_extractor
-from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol
+from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
 from diffusion_lab.metrics.real_features import real_features
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
@@ -59,6 +60,8 @@ class FID(Callback):
         self._last_step = -1
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.nll_images:
+            check_bound(pl_module.model)  # at the start, not at the first evaluation
         if self.scores is None:
             extractor = build_extractor(*self.extractor_args)
             self.scores = SampleScores(extractor, ("fid", "kid") if self.kid else ("fid",))
@@ -89,18 +92,17 @@ class FID(Callback):
         self.scores.reset()
 
         sampler = self.sampler if self.sampler is not None else instantiate(pl_module.run_config["sampler"])
-        data = pl_module.run_config["data"]
-        shape = (data["channels"], data["image_size"], data["image_size"])
-        labels = list(range(data["num_classes"])) if pl_module.conditional else None
+        model = module.model
+        labels = list(range(model.num_classes)) if model.conditional else None
         share = len(range(rank, self.num_samples, world))
         if share:
-            out = generate(module.process, module.net, sampler, share, self.batch_size, shape,
-                           seed=step_seed(self.seed, rank, "fid"), class_labels=labels)
+            out = generate(model, sampler, share, self.batch_size, seed=step_seed(self.seed, rank, "fid"),
+                           class_labels=labels)
             for batch in torch.from_numpy(out.samples).permute(0, 3, 1, 2).split(self.batch_size):
                 self.scores.update(batch)
         scores = self.scores.compute(seed=self.seed)
         if self.nll_images:
-            scores["nll_bpd"] = self._nll(trainer, module, pl_module.conditional)
+            scores["nll_bpd"] = self._nll(trainer, model)
 
         step = trainer.global_step
         logged = {f"val/{name}": value for name, value in scores.items()} | {"val/fid_num_samples": float(self.num_samples)}
@@ -110,15 +112,15 @@ class FID(Callback):
             logger.log_metrics(logged, step=step)
         if rank == 0:
             protocol = {**self.protocol, "num_samples": self.num_samples, "sampler": str(sampler),
-                        "steps": sampler.steps, "seed": self.seed, "weights": "ema" if module is not pl_module else "raw"}
+                        "steps": sampler.steps, "network_evaluations": sampler.evaluations_used, "seed": self.seed, "weights": "ema" if module is not pl_module else "raw"}
             if self.nll_images:
-                protocol.update(nll_images=self.nll_images, **bound_protocol(module.process, self.nll_variance, True))
+                protocol.update(nll_images=self.nll_images, **bound_protocol(model.process, self.nll_variance, True))
             self.dirpath.mkdir(parents=True, exist_ok=True)
             with open(self.dirpath / "scores.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **scores, "protocol": protocol}) + "\n")
         return scores
 
-    def _nll(self, trainer: Trainer, module: LightningModule, conditional: bool) -> float:
+    def _nll(self, trainer: Trainer, model: DiffusionModel) -> float:
         """Mean bound in bits/dim over the first `nll_images` real images, each rank taking every W-th one."""
         images, labels = split_images(trainer.datamodule, self.real_split)
         images, labels = images[: self.nll_images], labels[: self.nll_images]
@@ -127,7 +129,6 @@ class FID(Callback):
         generator = torch.Generator(device).manual_seed(step_seed(self.seed, trainer.global_rank, "nll"))
         total = torch.zeros((), dtype=torch.float64, device=device)
         for x0, y in zip(images[mine].split(self.batch_size), labels[mine].split(self.batch_size)):
-            net_kwargs = {"class_labels": y.to(device)} if conditional else {}
             x0 = x0.to(device).double() / 127.5 - 1
-            total += bits_per_dim(module.process, module.net, x0, generator, self.nll_variance, **net_kwargs).sum()
+            total += bits_per_dim(model, x0, generator, self.nll_variance, class_labels=y.to(device)).sum()
         return float(trainer.strategy.reduce(total, reduce_op="sum")) / len(images)

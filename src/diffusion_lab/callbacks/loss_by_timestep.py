@@ -34,16 +34,17 @@ class LossByTimestep(Callback):
         module = averaged_or_current(trainer, pl_module)
         val_set = trainer.datamodule.val_set
         count = min(self.num_images, len(val_set))
-        x0 = val_set.images[:count].to(pl_module.device).float() / 127.5 - 1
-        net_kwargs = {"class_labels": val_set.labels[:count].to(pl_module.device)} if pl_module.conditional else {}
+        images = val_set.images[:count].to(pl_module.device).float() / 127.5 - 1
+        labels = val_set.labels[:count].to(pl_module.device)
         generator = torch.Generator(pl_module.device).manual_seed(step_seed(self.seed, "loss_by_timestep"))
-        was_training = module.net.training
-        module.net.eval()
-        losses = loss_by_timestep(module.process, module.net, x0, generator, self.buckets, self.repeats, **net_kwargs)
-        module.net.train(was_training)
+        model = module.model
+        was_training = model.training
+        model.eval()
+        losses = loss_by_timestep(model, images, generator, self.buckets, self.repeats, labels)
+        model.train(was_training)
         step = trainer.global_step
         path = self.dirpath / f"loss_by_timestep_{step:07d}.png"
-        save_loss_by_timestep(losses, module.process.num_timesteps, path, title=f"step {step}")
+        save_loss_by_timestep(losses, path, title=f"step {step}, {model.process.name}")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb

@@ -7,7 +7,6 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from diffusion_lab.builders import backbone_shape
 from diffusion_lab.callbacks.ema import averaged_or_current
 from diffusion_lab.generate import generate
 from diffusion_lab.samplers import Sampler
@@ -44,13 +43,10 @@ class SampleMedia(Callback):
         self._last_step = step = trainer.global_step
         module = averaged_or_current(trainer, pl_module)
         sampler = self.sampler if self.sampler is not None else instantiate(pl_module.run_config["sampler"])
-        data = pl_module.run_config["data"]
-        labels = list(range(data["num_classes"])) if pl_module.conditional else None
-        first_stage = getattr(module, "first_stage", None)  # latent diffusion: decode the sampled latents
-        out = generate(module.process, module.net, sampler, self.num_samples, self.num_samples,
-                       backbone_shape(pl_module.run_config), seed=self.seed, class_labels=labels,
-                       trajectory_samples=self.trajectory_samples,
-                       decode=first_stage.decode if first_stage is not None else None)
+        model = module.model
+        labels = list(range(model.num_classes)) if model.conditional else None
+        out = generate(model, sampler, self.num_samples, self.num_samples, seed=self.seed, class_labels=labels,
+                       trajectory_samples=self.trajectory_samples)
         grid_path, gif_path = self.dirpath / f"step_{step:07d}.png", self.dirpath / f"step_{step:07d}.gif"
         save_grid(out.samples, grid_path)
         save_gif(out.trajectory, gif_path)

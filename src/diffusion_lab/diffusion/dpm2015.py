@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import Denoiser, DenoiserOutput, GaussianDiffusion, extract, normal_kl
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract, normal_kl, vp_norm
+from diffusion_lab.diffusion.process import broadcast
+from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1]
@@ -32,6 +34,7 @@ class DPM2015Diffusion(GaussianDiffusion):
     """Sohl-Dickstein et al. 2015: learned reverse mean and variance, trained on the likelihood bound. Sampling
     draws from the learned reverse Gaussians as they are: x_0 estimates are not clipped unless asked."""
 
+    name = "dpm2015"
     clip_x0 = False
 
     def __init__(self, betas: Tensor):
@@ -75,14 +78,17 @@ class DPM2015Diffusion(GaussianDiffusion):
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return x0 + (u - 0.5) * BIN_WIDTH
 
-    def training_losses(self, net: nn.Module, x0: Tensor, generator: torch.Generator, **net_kwargs) -> tuple[Tensor, Tensor]:
+    def training_losses(
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The bound in bits/dim per sample, estimated at one t ~ U{1..T-1} (index) per sample; u, t and the noise
-        are drawn from `generator`. Returns (loss (B,), t (B,))."""
+        are drawn from `generator`. Returns (loss (B,), t / T (B,))."""
+        net_kwargs = {} if class_labels is None else {"class_labels": class_labels}
         t = torch.randint(1, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         x0 = self.dequantize(x0, generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         nll = (self.num_timesteps - 1) * self.kl_term(net, x0, t, noise, **net_kwargs) + self.entropy_terms()
-        return self.to_bits_per_dim(nll).float(), t
+        return self.to_bits_per_dim(nll).float(), t.double() / self.num_timesteps
 
     @torch.no_grad()
     def bits_per_dim(self, net: nn.Module, x0: Tensor, generator: torch.Generator, **net_kwargs) -> Tensor:
@@ -99,22 +105,25 @@ class DPM2015Diffusion(GaussianDiffusion):
     # Sampling -----------------------------------------------------------------------------------
 
     def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0, **net_kwargs
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+        class_labels: Tensor | None = None,
     ) -> Denoiser:
         """The learned p(x_{t-1} | x_t) = N(mu, sigma^2) in the samplers' terms: x_0 such that the posterior mean
         mu_tilde(x_t, x_0) = mu, and v such that sigma^2 = exp(v log beta_t + (1 - v) log beta_tilde_t). So
         sampler=ddpm with variance=auto over all T steps draws exactly from the learned Gaussians (the paper's
-        sampling); other samplers and fewer steps use the same x_0 and v as they would a DDPM's. t must be an
-        integer timestep; at t = 0 (not learned) x_0 = x_t. Clipping x_0 to [-1, 1] (clip_denoised=true; off by
-        default, `clip_x0`) moves mu accordingly."""
+        sampling); other samplers and fewer steps use the same x_0 and v as they would a DDPM's. The noise level
+        is taken at the nearest integer timestep (the net knows no others); at t = 0 (not learned) x_0 = x_t.
+        Clipping x_0 to [-1, 1] (clip_denoised=true; off by default, `clip_x0`) moves mu accordingly."""
         clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
         if guidance_scale != 1:
             raise ConfigError(f"guidance_scale={guidance_scale}: process=dpm2015 has no classifier-free guidance; use 1")
+        net_kwargs = {} if class_labels is None else {"class_labels": class_labels}
 
-        def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
+        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+            step = self.timestep_at(alpha, sigma).round().long().expand(x.shape[0])
+            x_t = x / broadcast(vp_norm(alpha, sigma), x)
             param = next(net.parameters())
-            output = net(x_t.to(param.dtype), t.to(param.dtype), **net_kwargs)
-            step = t.round().long()
+            output = net(x_t.to(param.dtype), step.to(param.dtype), **net_kwargs)
             mean, log_variance = self.p_mean_log_variance(output, x_t, step)
             coef1 = extract(self.posterior_mean_coef1, step, x_t.ndim).to(x_t.dtype)
             coef2 = extract(self.posterior_mean_coef2, step, x_t.ndim).to(x_t.dtype)

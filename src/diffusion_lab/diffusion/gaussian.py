@@ -16,16 +16,16 @@ as float64 buffers (they are small), so every formula is exact to float64 on any
 """
 
 import math
-from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.diffusion.schedules import log_sigmas, nonzero_alpha_bar
+from diffusion_lab.diffusion.timesteps import timestep_at_log_sigma, timesteps_for
+from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
-
-if TYPE_CHECKING:
-    from diffusion_lab.samplers import Sampler
 
 OBJECTIVES = ("eps", "x0", "v")
 LOSS_TYPES = ("l1", "l2", "huber", "hybrid")
@@ -35,29 +35,6 @@ LOSS_WEIGHTINGS = ("none", "min_snr", "trunc_snr")
 def extract(table: Tensor, t: Tensor, ndim: int) -> Tensor:
     """table[t] reshaped to (B, 1, ..., 1) so that it broadcasts over a batch of ndim dimensions."""
     return table[t].reshape(-1, *([1] * (ndim - 1)))
-
-
-def nonzero_alpha_bar(alpha_bar: Tensor) -> Tensor:
-    """alpha_bar with 0, the end of a zero-terminal-SNR schedule (Lin et al. 2024), replaced by 2^-24 so that sigma
-    and lambda stay finite there, as diffusers' rescale_betas_zero_snr does; every other value kept, however small."""
-    return torch.where(alpha_bar == 0, torch.full_like(alpha_bar, 2.0**-24), alpha_bar)
-
-
-def log_sigmas(alphas_cumprod: Tensor) -> Tensor:
-    """log sigma_t = 0.5 log((1 - alpha_bar_t) / alpha_bar_t), finite at a zero terminal SNR (`nonzero_alpha_bar`)."""
-    alphas_cumprod = nonzero_alpha_bar(alphas_cumprod.to(torch.float64))
-    return 0.5 * (torch.log1p(-alphas_cumprod) - alphas_cumprod.log())
-
-
-class DenoiserOutput(NamedTuple):
-    """What a sampler gets back from one network evaluation at (x_t, t)."""
-
-    x0: Tensor  # predicted x_0 (clipped to [-1, 1] when asked; eps then recomputed from it)
-    eps: Tensor  # predicted noise, consistent with x0: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps
-    # learned variance (loss_type=hybrid): Improved DDPM's v, Sigma = exp(v log beta + (1 - v) log beta_tilde)
-    # (Nichol & Dhariwal 2021, Eq. 15), with beta, beta_tilde those of the step the sampler takes, so it holds
-    # for any spacing of the steps (their Sec. 4); None when the variance is fixed
-    variance_interp: Tensor | None = None
 
 
 def normal_kl(mean1: Tensor, log_var1: Tensor, mean2: Tensor, log_var2: Tensor) -> Tensor:
@@ -76,10 +53,15 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_bin))
 
 
-Denoiser = Callable[[Tensor, Tensor], DenoiserOutput]
+def vp_norm(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """sqrt(alpha^2 + sigma^2), the factor between x at the level (alpha, sigma) and the variance-preserving path's
+    point of the same SNR (where alpha^2 + sigma^2 = 1); taken as exactly 1 within 1e-12 of it, so that the path's
+    own points pass unchanged."""
+    norm = (alpha.to(torch.float64) ** 2 + sigma.to(torch.float64) ** 2).sqrt().reshape(-1)
+    return torch.where((norm - 1).abs() < 1e-12, torch.ones_like(norm), norm)
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion(Process):
     """Forward process q(x_t | x_0), posterior q(x_{t-1} | x_t, x_0) and the training loss.
 
     objective: what the network predicts: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps - sqrt(1-alpha_bar) x0
@@ -87,11 +69,12 @@ class GaussianDiffusion(nn.Module):
     loss_type=hybrid learns the reverse variance (Improved DDPM): the network outputs twice the image channels,
     the second half being v of `DenoiserOutput.variance_interp` (as (v + 1) / 2), and the loss is
     L_simple + vlb_weight * L_vlb (Nichol & Dhariwal 2021, Sec. 3.1, lambda = 0.001), see `vlb_terms`.
-    cond_drop_prob: chance that a class label is replaced by the null class in training (Ho & Salimans 2022).
-    clip_x0: whether sampling clips each x_0 estimate to [-1, 1] unless told otherwise (`clip_denoised=None`).
+    cond_drop_prob, clip_x0: see `Process`. On the (alpha, sigma) path of the samplers, alpha = sqrt(alpha_bar_t) and
+    sigma = sqrt(1 - alpha_bar_t) at the timestep t, fractional between the table's steps (`alpha_bar_at`).
     """
 
-    clip_x0 = True
+    name = "ddpm"
+    default_spacing = "uniform"
 
     def __init__(
         self,
@@ -103,7 +86,7 @@ class GaussianDiffusion(nn.Module):
         vlb_weight: float = 0.001,
         cond_drop_prob: float = 0.1,
     ):
-        super().__init__()
+        super().__init__(cond_drop_prob)
         for key, value, allowed in (
             ("objective", objective, OBJECTIVES),
             ("loss_type", loss_type, LOSS_TYPES),
@@ -115,9 +98,6 @@ class GaussianDiffusion(nn.Module):
         self.min_snr_gamma = min_snr_gamma
         self.learn_variance = loss_type == "hybrid"
         self.vlb_weight = vlb_weight
-        if not 0 <= cond_drop_prob <= 1:
-            raise ConfigError(f"process.cond_drop_prob={cond_drop_prob} must be a probability in [0, 1]")
-        self.cond_drop_prob = cond_drop_prob
 
         betas = betas.to(torch.float64)
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
@@ -227,28 +207,20 @@ class GaussianDiffusion(nn.Module):
         return F.smooth_l1_loss(prediction, target, reduction="none")  # huber, delta = 1
 
     def training_losses(
-        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None, **net_kwargs
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Per-sample loss w(t) * mean(loss(net(x_t, t), target)) with t ~ U{0..T-1}, eps ~ N(0, I) drawn from
         `generator` and the target set by the objective (Ho et al. Alg. 1), plus vlb_weight * T * L_t for the
-        learned variance (loss_type=hybrid). Class labels are replaced by the null class `net.num_classes` with
-        probability cond_drop_prob. A self-conditioned net (`net.self_condition`) gets, with probability 1/2 per
-        batch, its own x_0 estimate (no gradient, clipped to [-1, 1]) as x_self_cond, else none (Chen et al. 2023,
-        "Analog Bits", Sec. 3). Returns (loss (B,), t (B,))."""
+        learned variance (loss_type=hybrid); label dropout and self-conditioning as `Process.training_kwargs`.
+        Returns (loss (B,), t / T (B,))."""
         b, channels = x0.shape[0], x0.shape[1]
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         t_in = t.to(x0.dtype)
-        if class_labels is not None:
-            drop = torch.rand(b, generator=generator, device=x0.device) < self.cond_drop_prob
-            net_kwargs["class_labels"] = torch.where(drop, torch.full_like(class_labels, net.num_classes), class_labels)
-        if getattr(net, "self_condition", False):
-            if torch.rand((), generator=generator, device=x0.device) < 0.5:
-                with torch.no_grad():
-                    first = net(x_t, t_in, **net_kwargs)[:, :channels]
-                    alpha_bar = extract(self.alphas_cumprod, t, x0.ndim).to(x0.dtype)
-                    net_kwargs["x_self_cond"] = self.to_x0_eps(x_t, alpha_bar, first)[0].clamp(-1, 1)
+        alpha_bar = extract(self.alphas_cumprod, t, x0.ndim).to(x0.dtype)
+        net_kwargs = self.training_kwargs(net, x_t, t_in, generator, class_labels,
+                                          lambda output: self.to_x0_eps(x_t, alpha_bar, output)[0])
         target = {"eps": noise, "x0": x0, "v": self.predict_v(x0, noise, t)}[self.objective]
         output = net(x_t, t_in, **net_kwargs)
         prediction = output[:, :channels]
@@ -258,7 +230,7 @@ class GaussianDiffusion(nn.Module):
         if self.learn_variance:
             vlb = self.vlb_terms(x0, x_t, t, prediction.detach(), output[:, channels:])
             per_sample = per_sample + self.vlb_weight * self.num_timesteps * vlb.float()
-        return per_sample, t
+        return per_sample, t.double() / self.num_timesteps
 
     def vlb_terms(self, x0: Tensor, x_t: Tensor, t: Tensor, prediction: Tensor, variance_output: Tensor) -> Tensor:
         """L_t of the variational bound per sample, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
@@ -284,76 +256,45 @@ class GaussianDiffusion(nn.Module):
 
     # Sampling -----------------------------------------------------------------------------------
 
+    def timestep_at(self, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The fractional timestep of the noise level sigma / alpha (`timestep_at_log_sigma`), snapped to the
+        integer step within 1e-9 of it, so that a level of the table maps back to its own step exactly."""
+        log_sigma = (sigma.to(torch.float64).log() - alpha.to(torch.float64).log()).reshape(-1)
+        t = timestep_at_log_sigma(log_sigmas(self.alphas_cumprod), log_sigma)
+        return torch.where((t - t.round()).abs() < 1e-9, t.round(), t)
+
+    def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
+        """(alphas, sigmas) at the `steps` timesteps of the spacing (diffusion_lab.diffusion.timesteps), then the data:
+        alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), a zero terminal alpha_bar taken as 2^-24 (as diffusers)."""
+        timesteps = timesteps_for(spacing, self.alphas_cumprod, steps)
+        alpha_bars = nonzero_alpha_bar(torch.cat([self.alpha_bar_at(timesteps), timesteps.new_ones(1)]))
+        return alpha_bars.sqrt(), (1 - alpha_bars).sqrt()
+
     def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0, **net_kwargs
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+        class_labels: Tensor | None = None,
     ) -> Denoiser:
-        """A function (x_t, t) -> DenoiserOutput over the network. x_t may be float64 (samplers compute in
-        float64); the network runs in its own dtype. t may be fractional (see `alpha_bar_at`).
-        Clipping x_0 to [-1, 1] (clip_denoised; None: the process's `clip_x0`) recomputes eps from the clipped x_0.
-
-        Classifier-free guidance (Ho & Salimans 2022, Eq. 6): with class_labels and guidance_scale w != 1, one
-        forward over the batch twice, conditional then null-class half, gives eps_u + w (eps_c - eps_u)
-        (w = 1: conditional, w = 0: unconditional). Guiding the raw output is the same for every objective, as
-        eps, x0 and v are affine in it with weights summing to one; a learned variance comes from the
-        conditional half.
-
-        Self-conditioning: samplers are stateless functions, so the state lives here. For a net with
-        `self_condition`, the returned function remembers the x_0 of its last call and feeds it as x_self_cond
-        to the next call (none on the first): build a fresh denoiser for every sampling run."""
-        class_labels = net_kwargs.pop("class_labels", None)
+        """A function (x, alpha, sigma) -> DenoiserOutput over the network (guidance and self-conditioning by
+        `GuidedNetwork`). The network sees the timestep of the noise level (`timestep_at`) and x rescaled to this
+        process's point of that level, x_p = x / sqrt(alpha^2 + sigma^2) (`vp_norm`); x_0 and eps do not depend on the
+        scale.
+        x may be float64 (samplers compute in float64); the network runs in its own dtype. Clipping x_0 to
+        [-1, 1] (clip_denoised; None: the process's `clip_x0`) recomputes eps from the clipped x_0."""
         clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        if guidance_scale != 1 and class_labels is None:
-            raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels (a class-conditional model)")
-        self_condition = getattr(net, "self_condition", False)
-        state = {"x0": None}  # the previous x_0 estimate, for self-conditioning
+        network = GuidedNetwork(net, guidance_scale, class_labels)
 
-        def network(x_t: Tensor, t: Tensor) -> Tensor:
-            kwargs = dict(net_kwargs)
-            if self_condition:
-                kwargs["x_self_cond"] = state["x0"]
-            if guidance_scale == 1:
-                if class_labels is not None:
-                    kwargs["class_labels"] = class_labels
-                return net(x_t, t, **kwargs)
-            kwargs["class_labels"] = torch.cat([class_labels, torch.full_like(class_labels, net.num_classes)])
-            if kwargs.get("x_self_cond") is not None:
-                kwargs["x_self_cond"] = torch.cat([kwargs["x_self_cond"]] * 2)
-            cond, uncond = net(torch.cat([x_t, x_t]), torch.cat([t, t]), **kwargs).chunk(2)
-            c = x_t.shape[1]
-            guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
-            return torch.cat([guided, cond[:, c:]], dim=1)
-
-        def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
-            param = next(net.parameters())
-            output = network(x_t.to(param.dtype), t.to(param.dtype)).to(x_t.dtype)
-            c = x_t.shape[1]
-            alpha_bar = self.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-            x0, eps = self.to_x0_eps(x_t, alpha_bar, output[:, :c])
+        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+            t = self.timestep_at(alpha, sigma)
+            alpha_bar = broadcast(self.alpha_bar_at(t), x)
+            x_p = x / broadcast(vp_norm(alpha, sigma), x)
+            output = network(x_p, t)
+            c = x.shape[1]
+            x0, eps = self.to_x0_eps(x_p, alpha_bar, output[:, :c])
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-                eps = self.eps_from_x0(x_t, alpha_bar, x0)
-            if self_condition:
-                state["x0"] = x0.to(param.dtype)
+                eps = self.eps_from_x0(x_p, alpha_bar, x0)
+            network.remember(x0)
             variance_interp = (output[:, c:] + 1) / 2 if self.learn_variance else None
             return DenoiserOutput(x0, eps, variance_interp)
 
         return denoise
-
-    def sample(
-        self,
-        net: nn.Module,
-        noise: Tensor,
-        sampler: "Sampler",
-        callback: Callable | None = None,
-        generator: torch.Generator | None = None,
-        clip_denoised: bool | None = None,
-        guidance_scale: float = 1.0,
-        **net_kwargs,
-    ) -> Tensor:
-        """x_0 (float32) from x_T = noise by the given sampler over a fresh denoiser of this process
-        (net_kwargs: class_labels for a class-conditional net); clamped to [-1, 1] when clip_denoised (None: the
-        process's `clip_x0`; latent diffusion samples latents, which are not confined to [-1, 1])."""
-        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        denoiser = self.denoiser(net, clip_denoised=clip_denoised, guidance_scale=guidance_scale, **net_kwargs)
-        x0 = sampler(denoiser, noise, self, callback=callback, generator=generator).float()
-        return x0.clamp(-1, 1) if clip_denoised else x0

@@ -86,3 +86,15 @@ def beta_schedule(
             raise ConfigError("schedule.zero_terminal_snr=true needs schedule.timesteps >= 2")
         betas = rescale_zero_terminal_snr(betas)
     return betas
+
+
+def nonzero_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """alpha_bar with 0, the end of a zero-terminal-SNR schedule (Lin et al. 2024), replaced by 2^-24 so that sigma
+    and lambda stay finite there, as diffusers' rescale_betas_zero_snr does; every other value kept, however small."""
+    return torch.where(alpha_bar == 0, torch.full_like(alpha_bar, 2.0**-24), alpha_bar)
+
+
+def log_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """log sigma_t = 0.5 log((1 - alpha_bar_t) / alpha_bar_t), finite at a zero terminal SNR (`nonzero_alpha_bar`)."""
+    alphas_cumprod = nonzero_alpha_bar(alphas_cumprod.to(torch.float64))
+    return 0.5 * (torch.log1p(-alphas_cumprod) - alphas_cumprod.log())

@@ -1,4 +1,4 @@
-"""Which timesteps a sampler visits: pure functions from the schedule and a step count to a descending list of
+"""Which DDPM timesteps a sampler visits: pure functions from the schedule and a step count to a descending list of
 timesteps, possibly fractional (`GaussianDiffusion.alpha_bar_at` interpolates log sigma between integer steps).
 
 Timestep index t = 0..T-1 holds the paper's t = 1..T; every sampler ends by stepping to alpha_bar = 1.
@@ -8,7 +8,7 @@ uniform, leading and trailing follow diffusers' `timestep_spacing` "linspace", "
 
 import torch
 
-from diffusion_lab.diffusion.gaussian import log_sigmas
+from diffusion_lab.diffusion.schedules import log_sigmas
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("uniform", "leading", "trailing", "quadratic", "karras")
@@ -43,18 +43,26 @@ def karras_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0)
     sigma_min, sigma_max = table[0].exp(), table[-1].exp()
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64, device=alphas_cumprod.device)
     sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    target = sigmas.log()
-    low = (torch.searchsorted(table, target, right=True) - 1).clamp(0, len(table) - 2)
-    w = ((target - table[low]) / (table[low + 1] - table[low])).clamp(0, 1)
-    timesteps = low + w
+    timesteps = timestep_at_log_sigma(table, sigmas.log())
     timesteps[0], timesteps[-1] = len(table) - 1, 0  # the ends exactly, free of rounding in the power rho
     return timesteps
+
+
+def timestep_at_log_sigma(table: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep where log sigma, interpolated linearly between the integer steps of `table`
+    (`log_sigmas`, ascending), equals `log_sigma` (clamped to the table's range): the inverse of
+    `GaussianDiffusion.alpha_bar_at`."""
+    if len(table) == 1:
+        return torch.zeros_like(log_sigma)
+    low = (torch.searchsorted(table, log_sigma, right=True) - 1).clamp(0, len(table) - 2)
+    w = ((log_sigma - table[low]) / (table[low + 1] - table[low])).clamp(0, 1)
+    return low + w
 
 
 def timesteps_for(spacing: str, alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     """The descending timesteps of the named spacing over a schedule of len(alphas_cumprod) steps, float64."""
     if spacing not in SPACINGS:
-        raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing; choose one of {', '.join(SPACINGS)}")
+        raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing of the DDPM process; choose one of {', '.join(SPACINGS)}")
     num_timesteps = len(alphas_cumprod)
     if not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
         raise ConfigError(f"sampler.steps={steps} must be an integer in 1..{num_timesteps} (the schedule's timesteps)")

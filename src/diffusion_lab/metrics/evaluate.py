@@ -10,9 +10,8 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.metrics.extractors import build_extractor
-from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol
+from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
 from diffusion_lab.utils.errors import ConfigError
@@ -64,8 +63,7 @@ def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device
 
 
 def nll_bits_per_dim(
-    process: nn.Module,
-    net: nn.Module,
+    model: nn.Module,
     images: Tensor,
     options: Mapping,
     device: torch.device,
@@ -73,22 +71,21 @@ def nll_bits_per_dim(
     labels: Tensor | None = None,
 ) -> dict:
     """Mean (and standard error) over `images` (uint8) of the variational bound in bits/dim, with its protocol."""
-    if not isinstance(process, GaussianDiffusion):
-        raise ConfigError(f"metrics=[nll] is the bound of Gaussian (DDPM-family) processes; this model's process is {type(process).__name__}")
+    check_bound(model)
     nll = options["nll"]
     generator = torch.Generator(device).manual_seed(seed)
     totals = []
     for start in range(0, len(images), options["batch_size"]):
         x0 = images[start : start + options["batch_size"]].to(device).double() / 127.5 - 1
-        net_kwargs = {} if labels is None else {"class_labels": labels[start : start + len(x0)].to(device)}
-        totals.append(bits_per_dim(process, net, x0, generator, nll["variance"], nll["clip_denoised"], **net_kwargs).cpu())
+        batch_labels = None if labels is None else labels[start : start + len(x0)].to(device)
+        totals.append(bits_per_dim(model, x0, generator, nll["variance"], nll["clip_denoised"], batch_labels).cpu())
     totals = torch.cat(totals)
     protocol = {
         "num_images": len(images),
         "real_split": options["real_split"],
-        "timesteps": process.num_timesteps,
+        "timesteps": model.process.num_timesteps,
         "seed": seed,
-        **bound_protocol(process, nll["variance"], nll["clip_denoised"]),
+        **bound_protocol(model.process, nll["variance"], nll["clip_denoised"]),
     }
     standard_error = float(totals.std() / len(totals) ** 0.5) if len(totals) > 1 else float("nan")
     return {"nll_bpd": float(totals.mean()), "nll_bpd_stderr": standard_error, "protocol": protocol}
@@ -102,8 +99,7 @@ def needs_samples(options: Mapping) -> bool:
 def write_scores(
     options: Mapping,
     output_dir: Path,
-    process: nn.Module,
-    net: nn.Module,
+    model: nn.Module,
     samples: np.ndarray | None,
     data_config: Mapping,
     sampler: Any,
@@ -113,16 +109,19 @@ def write_scores(
 ) -> Path:
     """`<output_dir>/metrics.json`: the selected metrics of a checkpoint, each group with its protocol. `samples`
     are uint8 (N, H, W, C) as in samples.npz."""
+    if "nll" in options:
+        check_bound(model)  # before any sampling or scoring
     images, labels = data_split(data_config, options["real_split"])
     result: dict[str, Any] = {}
     if needs_samples(options):
         scored = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), images, options, device, seed)
-        scored["protocol"].update(sampler=str(sampler), steps=sampler.steps, seed=seed, checkpoint=str(ckpt_path))
+        scored["protocol"].update(sampler=str(sampler), steps=sampler.steps, network_evaluations=sampler.evaluations_used,
+                                  seed=seed, checkpoint=str(ckpt_path))
         result.update(scored)
     if "nll" in options:
         count = options["nll"]["num_images"]
         conditional = data_config.get("conditional", False)
-        bound = nll_bits_per_dim(process, net, images[:count], options, device, seed, labels[:count] if conditional else None)
+        bound = nll_bits_per_dim(model, images[:count], options, device, seed, labels[:count] if conditional else None)
         result.update(nll_bpd=bound["nll_bpd"], nll_bpd_stderr=bound["nll_bpd_stderr"],
                       nll_protocol={**bound["protocol"], "checkpoint": str(ckpt_path)})
     path = Path(output_dir) / "metrics.json"

@@ -10,21 +10,23 @@ from diffusion_lab.utils.io import atomic_path
 
 @torch.no_grad()
 def loss_by_timestep(
-    process: nn.Module, net: nn.Module, x0: Tensor, generator: torch.Generator, buckets: int = 10, repeats: int = 4, **net_kwargs
+    model: nn.Module, images: Tensor, generator: torch.Generator, buckets: int = 10, repeats: int = 4,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
-    """Mean per-sample loss of `process.training_losses` (its own t ~ U{0..T-1} and noise, `repeats` draws per
-    image) within each of `buckets` equal timestep ranges [k T / buckets, (k + 1) T / buckets); NaN where empty."""
-    sums = torch.zeros(buckets, dtype=torch.float64, device=x0.device)
+    """Mean per-sample training loss of the model (its own draws of noise level and noise, `repeats` per image) on
+    `model.encode(images)` within each of `buckets` equal ranges [k / buckets, (k + 1) / buckets) of the position
+    u along the path that the process reports (DDPM: t / T); NaN where empty."""
+    sums = torch.zeros(buckets, dtype=torch.float64, device=images.device)
     counts = torch.zeros_like(sums)
     for _ in range(repeats):
-        losses, t = process.training_losses(net, x0, generator, **net_kwargs)
-        bucket = t * buckets // process.num_timesteps
+        losses, u = model.loss(model.encode(images, generator), generator, class_labels)
+        bucket = (u * buckets).long().clamp(0, buckets - 1)
         sums.index_add_(0, bucket, losses.double())
         counts.index_add_(0, bucket, torch.ones_like(sums[bucket]))
     return (sums / counts).cpu()
 
 
-def save_loss_by_timestep(losses: Tensor, num_timesteps: int, path: str | Path, title: str = "") -> None:
+def save_loss_by_timestep(losses: Tensor, path: str | Path, title: str = "") -> None:
     """A bar chart of `loss_by_timestep` (the PNG is written atomically)."""
     import matplotlib
 
@@ -32,10 +34,10 @@ def save_loss_by_timestep(losses: Tensor, num_timesteps: int, path: str | Path, 
     import matplotlib.pyplot as plt
 
     buckets = len(losses)
-    width = num_timesteps / buckets
+    width = 1 / buckets
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar([(k + 0.5) * width for k in range(buckets)], losses.tolist(), width=0.9 * width)
-    ax.set_xlabel("timestep t")
+    ax.set_xlabel("position along the process u (0 data, 1 noise; DDPM: t / T)")
     ax.set_ylabel("mean loss")
     ax.set_yscale("log")
     ax.set_title(title)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, extract, normal_kl
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.errors import ConfigError
 
 VARIANCES = ("small", "large")
@@ -45,20 +46,20 @@ def variational_bound(
     generator: torch.Generator,
     variance: str = "large",
     clip_denoised: bool = True,
-    **net_kwargs,
+    class_labels: Tensor | None = None,
 ) -> BoundTerms:
     """The bound for images x0 in [-1, 1] (on the 8-bit grid), one network evaluation per timestep, in float64.
     x_t ~ q(x_t | x_0) is drawn independently at each t from `generator`."""
     x0 = x0.to(torch.float64)
     batch, dims = x0.shape[0], x0[0].numel()
-    denoise = process.denoiser(net, clip_denoised=clip_denoised, **net_kwargs)
+    denoise = process.denoiser(net, clip_denoised=clip_denoised, class_labels=class_labels)
     log_variances = reverse_log_variance(process, variance)
     terms = []
     for index in range(process.num_timesteps):
         t = torch.full((batch,), index, device=x0.device, dtype=torch.long)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = process.q_sample(x0, t, noise)
-        out = denoise(x_t, t.to(torch.float64))
+        out = denoise(x_t, process.sqrt_alphas_cumprod[index], process.sqrt_one_minus_alphas_cumprod[index])
         model_mean, _, _ = process.q_posterior(out.x0, x_t, t)
         if out.variance_interp is None:
             model_log_var = extract(log_variances, t, x0.ndim).expand_as(x0)
@@ -82,22 +83,36 @@ def variational_bound(
 
 
 def bits_per_dim(
-    process: GaussianDiffusion,
-    net: nn.Module,
+    model: DiffusionModel,
     x0: Tensor,
     generator: torch.Generator,
     variance: str = "large",
     clip_denoised: bool = True,
-    **net_kwargs,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
-    """The bound (B,) in bits/dim of the process's own model: a process that defines its own bound (`bits_per_dim`,
-    dpm2015's learned reverse Gaussians) reports that one, any other Gaussian process Ho et al.'s (`variational_bound`
-    with the fixed `variance` or its learned one). Every consumer (sample.py metrics=[nll], the FID callback) calls
-    this, so one model has one bound everywhere."""
+    """The bound (B,) in bits/dim of the model's process: a process that defines its own bound (`bits_per_dim`,
+    dpm2015's learned reverse Gaussians) reports that one, any other DDPM-family process Ho et al.'s
+    (`variational_bound` with the fixed `variance` or its learned one). Every consumer (sample.py metrics=[nll], the
+    FID callback) calls this, so one model has one bound everywhere; `check_bound` says where there is none."""
+    check_bound(model)
+    process, net = model.process, model.net
+    class_labels = class_labels if model.conditional else None
     own_bound = getattr(process, "bits_per_dim", None)
     if own_bound is not None:
-        return own_bound(net, x0.to(next(net.parameters()).dtype), generator, **net_kwargs).to(torch.float64)
-    return variational_bound(process, net, x0, generator, variance, clip_denoised, **net_kwargs).total
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        return own_bound(net, x0.to(next(net.parameters()).dtype), generator, **kwargs).to(torch.float64)
+    return variational_bound(process, net, x0, generator, variance, clip_denoised, class_labels).total
+
+
+def check_bound(model: DiffusionModel) -> None:
+    """ConfigError (one line) where the model has no likelihood bound on images: latent diffusion (a bound on the
+    latents says nothing of the images' likelihood without the decoder's) and processes other than DDPM's."""
+    if model.latent:
+        raise ConfigError("metrics=[nll] bounds the likelihood of images; this is a latent-diffusion model, whose bound "
+                          "would be on latents; it is not reported")
+    if not isinstance(model.process, GaussianDiffusion):
+        raise ConfigError(f"metrics=[nll]: process {model.process.name} has no variational bound here (its exact ODE "
+                          "likelihood is not implemented); the bound exists for ddpm and dpm2015")
 
 
 def bound_protocol(process: GaussianDiffusion, variance: str, clip_denoised: bool) -> dict:

@@ -1,46 +1,59 @@
-"""`DiffusionModule`: the LightningModule that wraps a diffusion process and a backbone, and does nothing else."""
+"""`DiffusionModule`: the LightningModule that trains one `DiffusionModel` (backbone, process, first stage), and does
+nothing else."""
 
 from typing import Any, Callable
 
 import torch
 from lightning import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
+from torch.utils.data import TensorDataset
 
 from diffusion_lab.data.image_datamodule import step_seed
-from diffusion_lab.utils.errors import NonFiniteError
+from diffusion_lab.models.components.autoencoder_kl import DiagonalGaussian
+from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.utils.checkpoint import upgrade_checkpoint
+from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 
 
 class DiffusionModule(LightningModule):
-    """Trains `net` under `process`. Every random draw of a training step (timesteps, noise, ...) comes from a
-    generator seeded by (seed, rank, step), so each rank draws its own and a resumed run repeats exactly what an
-    uninterrupted one would have drawn. `run_config` (plain containers) is saved in every checkpoint, which is all
-    that sampling needs. The first step with a non-finite loss is recorded on the device (no host sync per step)
-    and raised as NonFiniteError every `log_every_n_steps` and before any checkpoint is written, so none holds it."""
+    """Trains `model.net` under `model.process` on `model.encode(images)`. Every random draw of a training step
+    (timesteps, noise, the latent posterior sample, ...) comes from a generator seeded by (seed, rank, step), so each
+    rank draws its own and a resumed run repeats exactly what an uninterrupted one would have drawn. `run_config`
+    (plain containers) is saved in every checkpoint, which is all that sampling needs. The first step with a
+    non-finite loss is recorded on the device (no host sync per step) and raised as NonFiniteError every
+    `log_every_n_steps` and before any checkpoint is written, so none holds it.
+    `cache_latents` (latent diffusion): encode the training and validation images once at the start of fit (the
+    posterior moments, so z is still sampled per step) and train from those; random flips then act on the latent
+    moments, which the encoder's convolutions make a close but not exact stand-in for flipping the images."""
 
     def __init__(
         self,
-        net: nn.Module,
-        process: nn.Module,
+        model: DiffusionModel,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
-        conditional: bool = False,
         run_config: dict | None = None,
+        cache_latents: bool = False,
     ):
         super().__init__()
-        self.net, self.process = net, process
+        if cache_latents and not model.latent:
+            raise ConfigError("module.cache_latents=true caches the latents of a first stage; this model diffuses pixels")
+        self.model = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.seed, self.conditional, self.run_config = seed, conditional, run_config or {}
+        self.seed, self.run_config, self.cache_latents = seed, run_config or {}, cache_latents
         self._first_nonfinite_step: Tensor | None = None  # -1 while every loss is finite
 
     def _generator(self, *purpose: int | str) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(step_seed(self.seed, *purpose))
 
     def _losses(self, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        images, labels = batch
-        net_kwargs = {"class_labels": labels} if self.conditional else {}
-        return self.process.training_losses(self.net, images, generator, **net_kwargs)
+        inputs, labels = batch
+        if self.cache_latents:  # the batch holds posterior moments (mean, logvar) of the images
+            x0 = self.model.first_stage.scale_factor * DiagonalGaussian(inputs).sample(generator)
+        else:
+            x0 = self.model.encode(inputs, generator)
+        return self.model.loss(x0, generator, labels)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         # micro-batch k > 0 of an accumulated step (trainer.accumulate_grad_batches) draws from its own seed
@@ -76,8 +89,28 @@ class DiffusionModule(LightningModule):
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=len(losses))
 
     def configure_optimizers(self) -> dict:
-        return optimizers_and_schedulers(self.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        return optimizers_and_schedulers(self.model.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite(checkpoint)
         checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(checkpoint)  # resuming a format-1 checkpoint: its weights move under model.
+
+    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        if self.cache_latents:
+            datamodule = self.trainer.datamodule
+            datamodule.train_set = self.encode_dataset(datamodule.train_set)
+            datamodule.val_set = self.encode_dataset(datamodule.val_set)
+
+    def encode_dataset(self, dataset) -> TensorDataset:
+        """(posterior moments (N, 2 * latent_channels, h, w), labels) of an image data set, on the CPU."""
+        moments, labels = [], []
+        for start in range(0, len(dataset), 256):
+            images, batch_labels = zip(*(dataset[i] for i in range(start, min(start + 256, len(dataset)))))
+            posterior = self.model.first_stage.autoencoder.encode(torch.stack(images).to(self.device))
+            moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1).cpu())
+            labels.append(torch.stack(batch_labels))
+        return TensorDataset(torch.cat(moments), torch.cat(labels))

@@ -1,5 +1,5 @@
-"""Samplers over a denoiser (`sampling`), the timesteps they visit (`spacing`), and `Sampler`,
-the configured pairing of the two that `sampler=` selects."""
+"""Samplers over a denoiser and a grid of noise levels (`sampling`), and `Sampler`, the configured sampler that
+`sampler=` selects. Nothing here imports a process or Lightning."""
 
 from diffusion_lab.samplers.sampler import Sampler
 

@@ -6,14 +6,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.gaussian import Denoiser, GaussianDiffusion
-from diffusion_lab.samplers.sampling import SAMPLERS
-from diffusion_lab.samplers.spacing import timesteps_for
+from diffusion_lab.samplers.sampling import GRID_CHECKS, SAMPLERS, Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 
 class Sampler:
-    """Runs `SAMPLERS[algorithm]` over `steps` timesteps of the given spacing, from noise to x_0."""
+    """Runs `SAMPLERS[algorithm]` over the grid of `steps` noise levels that a process lays out with `spacing`
+    (`process.sampling_grid`), from noise to x_0. `evaluations_used` counts the network evaluations of the last run
+    (the adaptive dopri5 reports its own count here)."""
 
     def __init__(self, algorithm: str, steps: int, spacing: str = "uniform", **options):
         if algorithm not in SAMPLERS:
@@ -29,37 +29,44 @@ class Sampler:
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"sampler.steps={steps} must be an integer >= 1")
         self.algorithm, self.steps, self.spacing, self.options = algorithm, steps, spacing, options
+        self.evaluations_used = 0
 
     @property
     def evaluations(self) -> int:
-        """Network evaluations per sample (heun: two a step but one on the last)."""
-        return 2 * self.steps - 1 if self.algorithm == "heun" else self.steps
+        """Network evaluations per sample of a fixed-step sampler (heun and edm: two a step but one on the last);
+        for dopri5, see `evaluations_used`."""
+        return 2 * self.steps - 1 if self.algorithm in ("heun", "edm") else self.steps
 
-    def schedule(self, process: GaussianDiffusion) -> tuple[Tensor, Tensor]:
-        """(timesteps, alpha_bars): the steps to visit and their alpha_bar, with alpha_bar = 1 appended."""
-        timesteps = timesteps_for(self.spacing, process.alphas_cumprod, self.steps)
-        alpha_bars = torch.cat([process.alpha_bar_at(timesteps), timesteps.new_ones(1)])
-        return timesteps, alpha_bars
+    def check(self, alphas: Tensor, sigmas: Tensor) -> None:
+        """SamplerError (one line) when this sampler cannot run on the grid (alphas, sigmas) of a process."""
+        if self.algorithm in GRID_CHECKS:
+            GRID_CHECKS[self.algorithm](alphas, sigmas)
 
     @torch.no_grad()
     def __call__(
         self,
         denoiser: Denoiser,
         noise: Tensor,
-        process: GaussianDiffusion,
+        alphas: Tensor,
+        sigmas: Tensor,
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """x_0 from x_T = noise; float64 throughout the sampler's own arithmetic."""
-        timesteps, alpha_bars = self.schedule(process)
+        """x_0 from x = noise at the first point of the grid (alphas, sigmas); float64 throughout the sampler's own
+        arithmetic."""
         x = noise.to(torch.float64)
-        timesteps, alpha_bars = timesteps.to(x.device), alpha_bars.to(x.device)
+        alphas, sigmas = alphas.to(x.device, torch.float64), sigmas.to(x.device, torch.float64)
+        self.evaluations_used = 0
+
+        def counted(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+            self.evaluations_used += 1
+            return denoiser(x, alpha, sigma)
 
         def noise_sampler(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
         return SAMPLERS[self.algorithm](
-            denoiser, x, timesteps, alpha_bars, callback=callback, noise_sampler=noise_sampler, **self.options
+            counted, x, alphas, sigmas, callback=callback, noise_sampler=noise_sampler, **self.options
         )
 
     def __repr__(self) -> str:

@@ -12,7 +12,8 @@ from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 
 WEIGHTS = ("ema", "raw")
-FORMAT_VERSION = 1  # of what this project writes into checkpoints; raise it when a reader must change
+FORMAT_VERSION = 2  # of what this project writes into checkpoints; raise it when a reader must change
+# 2: the diffusion LightningModule holds one model object: weights under model.net. and model.first_stage.
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,10 +38,25 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
         raise ConfigError(f"{key}={path} is not a readable checkpoint (truncated or not saved by torch): {first_line[:200]}") from error
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "state_dict" not in checkpoint:
         raise ConfigError(f"{key}={path} is not a checkpoint of this project (no saved config); train one with train.py")
-    version = checkpoint.get("format_version", FORMAT_VERSION)  # checkpoints from before the field are version 1
+    version = checkpoint.get("format_version", 1)  # checkpoints from before the field are version 1
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ConfigError(f"{key}={path} has checkpoint format {version}, newer than this diffusion-lab reads (up to "
                           f"{FORMAT_VERSION}); upgrade diffusion-lab (pip install -e .) to load it")
+    return upgrade_checkpoint(checkpoint)
+
+
+def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A diffusion checkpoint of format 1 (weights under net. and first_stage.) brought to the current format, in
+    place: the weights move under model. (the model object). Other checkpoints (autoencoders) are left as they are."""
+    module = str(checkpoint.get("config", {}).get("module", {}).get("_target_", ""))
+    if checkpoint.get("format_version", 1) == 1 and module.endswith(("DiffusionModule", "LatentDiffusionModule")):
+        for key in ("state_dict", "current_model_state"):
+            if key in checkpoint:
+                checkpoint[key] = {
+                    f"model.{name}" if name.startswith(("net.", "first_stage.")) else name: value
+                    for name, value in checkpoint[key].items()
+                }
+        checkpoint["format_version"] = FORMAT_VERSION
     return checkpoint
 
 

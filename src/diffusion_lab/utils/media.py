@@ -46,14 +46,11 @@ def save_samples(images: np.ndarray, path: str | Path) -> None:
             np.savez(f, images)
 
 
-def forward_noising_figure(process, images: Tensor, timesteps: list[int], path: str | Path, seed: int = 0) -> None:
-    """Rows of q(x_t | x_0) samples at the given timesteps, one row per image (tutorial 000's figure)."""
+def forward_noising_figure(alphas: Tensor, sigmas: Tensor, images: Tensor, path: str | Path, seed: int = 0) -> None:
+    """Rows of x = alpha x_0 + sigma eps at the given noise levels, one row per image (tutorial 000's figure)."""
     generator = torch.Generator().manual_seed(seed)
     x0 = images.to(torch.float64).cpu()
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-    rows = []
-    for t in timesteps:
-        t_batch = torch.full((len(x0),), t, dtype=torch.long, device=process.alphas_cumprod.device)
-        rows.append(process.q_sample(x0.to(process.alphas_cumprod.device), t_batch, noise.to(x0.device)).cpu())
+    rows = [float(alpha) * x0 + float(sigma) * noise for alpha, sigma in zip(alphas, sigmas)]
     stacked = torch.stack(rows, dim=1).flatten(0, 1)  # image-major: each row is one image over timesteps
     save_grid(to_uint8(stacked), path, nrow=len(timesteps))

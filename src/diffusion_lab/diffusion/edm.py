@@ -1,0 +1,119 @@
+"""EDM: the design space of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models", as a Gaussian process with alpha = 1: x = x_0 + sigma eps, sigma in [sigma_min, sigma_max].
+
+Preconditioning (their Table 1, "Ours"), with sigma_data the data's standard deviation:
+    D(x; sigma) = c_skip x + c_out F(c_in x; c_noise),
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2),  c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2),            c_noise = ln(sigma) / 4.
+Training: ln sigma ~ N(P_mean, P_std^2) and the loss lambda(sigma) ||D(x_0 + sigma eps; sigma) - x_0||^2 with
+lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, so that the network's own target has unit weight.
+Sampling: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0 (Eq. 5),
+with the EDM sampler (`sampler=edm`, Alg. 2) or any other.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.utils.errors import ConfigError
+
+SPACINGS = ("karras",)
+
+
+class EDM(Process):
+    """Karras et al. 2022's preconditioned denoiser, training and noise levels; see the module docstring."""
+
+    name = "edm"
+    default_spacing = "karras"
+    clip_x0 = False
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+        P_mean: float = -1.2,
+        P_std: float = 1.2,
+        cond_drop_prob: float = 0.1,
+    ):
+        super().__init__(cond_drop_prob)
+        if not 0 < sigma_min < sigma_max:
+            raise ConfigError(f"process.sigma_min={sigma_min}, process.sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        for key, value in (("sigma_data", sigma_data), ("rho", rho), ("P_std", P_std)):
+            if not value > 0:
+                raise ConfigError(f"process.{key}={value} must be > 0")
+        self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
+        self.P_mean, self.P_std = P_mean, P_std
+
+    def preconditioning(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise) at sigma (Table 1)."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
+        c_in = 1 / (sigma**2 + sd2).sqrt()
+        return c_skip, c_out, c_in, sigma.log() / 4
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (Table 1)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def denoise(self, network, x: Tensor, sigma: Tensor) -> Tensor:
+        """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for per-sample sigma (B,) float64, in x's dtype."""
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        output = network(broadcast(c_in, x) * x, c_noise.to(x.dtype))
+        return broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+
+    def training_losses(
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample lambda(sigma) mean ||D(x_0 + sigma eps; sigma) - x_0||^2 with ln sigma ~ N(P_mean, P_std^2)
+        and eps ~ N(0, I) from `generator` (their Sec. 5, Table 1); label dropout and self-conditioning as
+        `Process.training_kwargs`. Returns (loss (B,), u (B,)) with u = Phi((ln sigma - P_mean) / P_std), the
+        quantile of sigma under the training density."""
+        normal = torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float64)
+        sigma = (self.P_mean + self.P_std * normal).exp()
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x = x0 + broadcast(sigma, x0) * noise
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        x_in, t_in = broadcast(c_in, x0) * x, c_noise.to(x0.dtype)
+        net_kwargs = self.training_kwargs(net, x_in, t_in, generator, class_labels,
+                                          lambda out: broadcast(c_skip, x0) * x + broadcast(c_out, x0) * out)
+        denoised = broadcast(c_skip, x0) * x + broadcast(c_out, x0) * net(x_in, t_in, **net_kwargs)
+        per_sample = ((denoised.float() - x0.float()) ** 2).flatten(1).mean(1) * self.loss_weight(sigma).float()
+        return per_sample, torch.special.ndtr(normal)
+
+    def sampling_grid(self, steps: int, spacing: str = "karras") -> tuple[Tensor, Tensor]:
+        """(alphas, sigmas) = (1, sigma_i) at the rho-spaced sigmas of Eq. 5 from sigma_max to sigma_min, then 0."""
+        if spacing not in SPACINGS:
+            raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing of process edm; choose one of "
+                              f"{', '.join(SPACINGS)} (rho-spaced sigmas, process.rho)")
+        if not isinstance(steps, int) or steps < 2:
+            raise ConfigError(f"sampler.steps={steps} must be an integer >= 2 for process edm (sigma_max to sigma_min)")
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        inv_rho = 1 / self.rho
+        sigmas = (self.sigma_max**inv_rho + ramp * (self.sigma_min**inv_rho - self.sigma_max**inv_rho)) ** self.rho
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        return torch.ones_like(sigmas), sigmas
+
+    def denoiser(
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+        class_labels: Tensor | None = None,
+    ) -> Denoiser:
+        """(x, alpha, sigma) -> DenoiserOutput: x_0 = D(x / alpha; sigma / alpha), eps = (x / alpha - x_0) /
+        (sigma / alpha). Clipping (clip_denoised; off by default, as the paper) recomputes eps."""
+        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
+        network = GuidedNetwork(net, guidance_scale, class_labels)
+
+        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+            alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
+            level = (sigma / alpha).expand(x.shape[0])
+            x_e = x / broadcast(alpha, x)
+            x0 = self.denoise(network, x_e, level)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+            network.remember(x0)
+            return DenoiserOutput(x0, (x_e - x0) / broadcast(level, x))
+
+        return denoise

@@ -1,0 +1,127 @@
+"""Rectified flow / conditional flow matching with the straight path (Lipman et al. 2023; Liu et al. 2023;
+Esser et al. 2024, "Scaling Rectified Flow Transformers", SD3), as a Gaussian process:
+
+    x_t = (1 - t) x_0 + t eps,   t in [0, 1]   (alpha = 1 - t, sigma = t),
+
+with the network predicting the velocity v = dx_t/dt = eps - x_0 and the loss E ||v_hat(x_t, t) - v||^2 over the
+time density of `time_sampling` (SD3, Sec. 3.1):
+- uniform: t ~ U(0, 1);
+- logit_normal: t = sigmoid(n), n ~ N(logit_mean, logit_std^2);
+- mode: t = 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1) (mode_scale in [-1, 2/(pi - 2)]).
+The network sees time_scale * t (1000 t, as SD3 and diffusers' FlowMatchEulerDiscreteScheduler), so backbones keep
+the timestep range of DDPM. Sampling grids are uniform in t from 1 to 0, shifted by the SD3 time shift
+t' = shift t / (1 + (shift - 1) t) (their Eq. 23; shift > 1 spends more steps at high noise).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.utils.errors import ConfigError
+
+TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
+SPACINGS = ("uniform",)
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, Eq. 23): the same noise level at shift^2 times the
+    resolution's signal; shift = 1 is the identity."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class FlowMatching(Process):
+    """Flow matching on x_t = (1 - t) x_0 + t eps with a velocity target; see the module docstring."""
+
+    name = "flow_matching"
+    default_spacing = "uniform"
+    clip_x0 = False
+
+    def __init__(
+        self,
+        time_sampling: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float = 1.0,
+        time_scale: float = 1000.0,
+        cond_drop_prob: float = 0.1,
+    ):
+        super().__init__(cond_drop_prob)
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ConfigError(f"process.time_sampling={time_sampling!r} is not allowed; choose one of {', '.join(TIME_SAMPLINGS)}")
+        if not logit_std > 0:
+            raise ConfigError(f"process.logit_std={logit_std} must be > 0 (the std of the logit-normal time density)")
+        if not -1 <= mode_scale <= 2 / (math.pi - 2):
+            raise ConfigError(f"process.mode_scale={mode_scale} must be in [-1, {2 / (math.pi - 2):.4f}] (a density on [0, 1])")
+        if not shift > 0:
+            raise ConfigError(f"process.shift={shift} must be > 0 (the SD3 time shift; 1 leaves the grid as it is)")
+        if not time_scale > 0:
+            raise ConfigError(f"process.time_scale={time_scale} must be > 0")
+        self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
+        self.mode_scale, self.shift, self.time_scale = mode_scale, shift, time_scale
+
+    def sample_time(self, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        """t (B,) float64 from the training density of `time_sampling`."""
+        if self.time_sampling == "logit_normal":
+            n = torch.randn(batch, generator=generator, device=device, dtype=torch.float64)
+            return torch.sigmoid(self.logit_mean + self.logit_std * n)
+        u = torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+        if self.time_sampling == "uniform":
+            return u
+        return 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+
+    def training_losses(
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample mean ||v_hat(x_t, t) - (eps - x_0)||^2 with t from `sample_time` and eps ~ N(0, I) from
+        `generator` (Lipman et al. 2023, Eq. 23; Liu et al. 2023); label dropout and self-conditioning as
+        `Process.training_kwargs`. Returns (loss (B,), t (B,))."""
+        t = self.sample_time(x0.shape[0], generator, x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t_b = broadcast(t, x0)
+        x_t = (1 - t_b) * x0 + t_b * noise
+        t_in = (self.time_scale * t).to(x0.dtype)
+        net_kwargs = self.training_kwargs(net, x_t, t_in, generator, class_labels, lambda v: x_t - t_b * v)
+        velocity = net(x_t, t_in, **net_kwargs)
+        per_sample = F.mse_loss(velocity.float(), (noise - x0).float(), reduction="none").flatten(1).mean(1)
+        return per_sample, t
+
+    def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
+        """(alphas, sigmas) = (1 - t, t) at t = shift_time(linspace(1, 0, steps + 1)): `steps` noisy points from
+        t = 1 (pure noise) and then the data."""
+        if spacing not in SPACINGS:
+            raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing of process flow_matching; choose one of "
+                              f"{', '.join(SPACINGS)} (and process.shift for the SD3 time shift)")
+        if not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"sampler.steps={steps} must be an integer >= 1")
+        t = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), self.shift)
+        return 1 - t, t
+
+    def denoiser(
+        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+        class_labels: Tensor | None = None,
+    ) -> Denoiser:
+        """(x, alpha, sigma) -> DenoiserOutput: the path point of that noise level is t = sigma / (alpha + sigma),
+        x_t = x / (alpha + sigma); from v_hat, x_0 = x_t - t v_hat and eps = x_t + (1 - t) v_hat. Clipping x_0
+        (clip_denoised; off by default) recomputes eps = (x_t - (1 - t) x_0) / t."""
+        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
+        network = GuidedNetwork(net, guidance_scale, class_labels)
+
+        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+            alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
+            t = sigma / (alpha + sigma)
+            t_b = broadcast(t, x)
+            x_t = x / broadcast(alpha + sigma, x)
+            velocity = network(x_t, self.time_scale * t)
+            x0, eps = x_t - t_b * velocity, x_t + (1 - t_b) * velocity
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+                eps = (x_t - (1 - t_b) * x0) / t_b
+            network.remember(x0)
+            return DenoiserOutput(x0, eps)
+
+        return denoise

@@ -1,0 +1,30 @@
+"""Checkpoints written before the model object and the (alpha, sigma) processes (format 1) sample the same images."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_lab.sample import load_model
+from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.checkpoint import load_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLERS = {
+    "ddpm": Sampler("ddpm", 20, "uniform", variance="auto"),
+    "ddim": Sampler("ddim", 10, "uniform", eta=0.0),
+    "dpm_solver_pp": Sampler("dpm_solver_pp", 8, "trailing", order=2),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_format_1_ddpm_checkpoint_samples_bit_identically(name, one_thread):
+    """tests/fixtures/README.md: the samples that the code of format 1 drew from the fixture, at the same seed."""
+    checkpoint = load_checkpoint(FIXTURES / "ddpm_v1.ckpt")
+    assert checkpoint["format_version"] == 2 and all(key.startswith("model.") for key in checkpoint["state_dict"])
+    model = load_model(checkpoint, "ema", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn((4, 1, 8, 8), generator=generator)
+    samples = model.sample(noise, SAMPLERS[name], generator=generator)
+    expected = torch.load(FIXTURES / "ddpm_v1_samples.pt", weights_only=True)[name]
+    assert torch.equal(samples, expected)
