@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from toy_models import gaussian_denoiser, gaussian_ode_solution
+from toy_models import gaussian_denoiser, gaussian_ode_solution, run_sampler
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
@@ -18,10 +18,10 @@ MEAN, STD = 0.3, 0.5
 def ode_error(process, sampler, x_T):
     """Max error of x at the last noisy step (before the final jump to x0_hat, which is exact only for
     sigma -> 0) against the exact probability-flow ODE solution."""
-    _, alpha_bars = sampler.schedule(process)
+    alphas, sigmas = process.sampling_grid(sampler.steps, sampler.spacing)
     xs = []
-    sampler(gaussian_denoiser(process, MEAN, STD), x_T, process, callback=lambda info: xs.append(info["x"]))
-    exact = gaussian_ode_solution(x_T, alpha_bars[0], alpha_bars[-2], MEAN, STD)
+    run_sampler(sampler, process, gaussian_denoiser(MEAN, STD), x_T, callback=lambda info: xs.append(info["x"]))
+    exact = gaussian_ode_solution(x_T, alphas[0], sigmas[0], alphas[-2], sigmas[-2], MEAN, STD)
     return (xs[-2] - exact).abs().max().item()
 
 
@@ -29,8 +29,10 @@ def ode_error(process, sampler, x_T):
     "algorithm, options, order",
     [
         ("ddim", {}, 1),
+        ("euler", {}, 1),
         ("euler_ancestral", {"eta": 0.0}, 1),  # eta = 0: the Euler method
         ("heun", {}, 2),
+        ("edm", {}, 2),  # S_churn = 0: Heun's method
         ("dpm_solver_pp", {"order": 2, "lower_order_final": False}, 2),
         ("unipc", {"order": 1, "lower_order_final": False}, 2),  # UniC raises the order by one
         ("unipc", {"order": 2, "lower_order_final": False}, 3),

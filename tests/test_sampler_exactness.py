@@ -3,13 +3,13 @@ full chain is Ho et al.'s exactly, DDIM ends at alpha_bar = 1, DDIM eta = 1 is D
 
 import pytest
 import torch
-from toy_models import TinyNet
+from toy_models import TinyNet, run_sampler
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import SAMPLERS
-from diffusion_lab.samplers.spacing import SPACINGS, timesteps_for
+from diffusion_lab.diffusion.timesteps import SPACINGS, timesteps_for
 from diffusion_lab.utils.errors import ConfigError
 
 T = 20
@@ -59,8 +59,8 @@ def test_karras_timesteps_reach_the_karras_sigmas():
 def test_full_chain_is_ho_et_al_ancestral_sampling():
     """steps = T: x_{t-1} = mu_tilde(x_t, x0_hat) + sqrt(beta_tilde_t) z, from the process's own tables."""
     process, net, noise = process_and_net()
-    ours = Sampler("ddpm", T, "uniform", variance="beta_tilde")(
-        process.denoiser(net), noise, process, generator=torch.Generator().manual_seed(1))
+    ours = run_sampler(Sampler("ddpm", T, "uniform", variance="beta_tilde"), process, process.denoiser(net), noise,
+                       generator=torch.Generator().manual_seed(1))
     generator, x = torch.Generator().manual_seed(1), noise
     for t in reversed(range(T)):
         tt = torch.full((2,), t)
@@ -75,18 +75,19 @@ def test_ddim_last_step_goes_to_alpha_bar_one(spacing):
     """The last step returns x0_hat itself (alpha_bar = 1), not a point at alpha_bar_0 of the table."""
     process, net, noise = process_and_net()
     sampler = Sampler("ddim", 5, spacing)
-    assert sampler.schedule(process)[1][-1] == 1
+    alphas, sigmas = process.sampling_grid(sampler.steps, sampler.spacing)
+    assert alphas[-1] == 1 and sigmas[-1] == 0
     steps = []
-    x = sampler(process.denoiser(net), noise, process, callback=steps.append)
+    x = run_sampler(sampler, process, process.denoiser(net), noise, callback=steps.append)
     assert torch.equal(x, steps[-1]["x0"])
 
 
 def test_ddim_eta_one_full_chain_is_ddpm_beta_tilde():
     process, net, noise = process_and_net()
-    ddim = Sampler("ddim", T, "uniform", eta=1.0)(process.denoiser(net), noise, process,
-                                                  generator=torch.Generator().manual_seed(3))
-    ddpm = Sampler("ddpm", T, "uniform", variance="beta_tilde")(process.denoiser(net), noise, process,
-                                                                generator=torch.Generator().manual_seed(3))
+    ddim = run_sampler(Sampler("ddim", T, "uniform", eta=1.0), process, process.denoiser(net), noise,
+                       generator=torch.Generator().manual_seed(3))
+    ddpm = run_sampler(Sampler("ddpm", T, "uniform", variance="beta_tilde"), process, process.denoiser(net), noise,
+                       generator=torch.Generator().manual_seed(3))
     assert (ddim - ddpm).abs().max() < 1e-10
 
 
@@ -97,7 +98,7 @@ def test_zero_terminal_snr_samples_are_finite(algorithm, spacing):
     dividing by zero."""
     process, net, noise = process_and_net(objective="v", zero_terminal_snr=True)
     assert process.alphas_cumprod[-1] == 0
-    x = Sampler(algorithm, 6, spacing)(process.denoiser(net), noise, process, generator=torch.Generator())
+    x = run_sampler(Sampler(algorithm, 6, spacing), process, process.denoiser(net), noise, generator=torch.Generator())
     assert torch.isfinite(x).all()
 
 
@@ -107,15 +108,16 @@ def test_zero_terminal_snr_at_300_steps_is_finite(algorithm, one_thread):
     that replaces the 0, so sigma rises on the first step; every sampler stays finite."""
     process = GaussianDiffusion(beta_schedule("linear", 1000, zero_terminal_snr=True), objective="v")
     _, net, noise = process_and_net()
-    x = Sampler(algorithm, 300, "trailing")(process.denoiser(net), noise, process, generator=torch.Generator())
+    x = run_sampler(Sampler(algorithm, 300, "trailing"), process, process.denoiser(net), noise,
+                    generator=torch.Generator())
     assert torch.isfinite(x).all()
 
 
 def test_bad_options_raise_config_error():
     process, _, _ = process_and_net()
     with pytest.raises(ConfigError, match="sampler.order"):
-        Sampler("dpm_solver_pp", 5, order=4)(lambda x, t: None, torch.zeros(1, 1, 2, 2), process)
+        run_sampler(Sampler("dpm_solver_pp", 5, order=4), process, lambda x, alpha, sigma: None, torch.zeros(1, 1, 2, 2))
     with pytest.raises(ConfigError, match="sampler.spacing"):
-        Sampler("ddim", 5, "cubic").schedule(process)
+        process.sampling_grid(5, "cubic")
     with pytest.raises(ConfigError, match="not an option"):
         Sampler("heun", 5, eta=1.0)

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import DenoiserOutput
+from diffusion_lab.samplers.sampling import DenoiserOutput
 
 
 class TinyNet(nn.Module):
@@ -34,20 +34,26 @@ class TinyNet(nn.Module):
         return h
 
 
-def gaussian_denoiser(process, mean: float, std: float):
-    """The exact denoiser of data x_0 ~ N(mean, std^2 I): E[x_0 | x_t] = mean + sqrt(a) std^2 (x_t - sqrt(a) mean)
-    / (a std^2 + 1 - a), a = alpha_bar(t) (Gaussian conditioning)."""
+def gaussian_denoiser(mean: float, std: float):
+    """The exact denoiser of data x_0 ~ N(mean, std^2 I) at any noise level: for x = alpha x_0 + sigma eps,
+    E[x_0 | x] = mean + alpha std^2 (x - alpha mean) / (alpha^2 std^2 + sigma^2) (Gaussian conditioning)."""
 
-    def denoise(x_t: Tensor, t: Tensor) -> DenoiserOutput:
-        a = process.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        x0 = mean + a.sqrt() * std**2 * (x_t - a.sqrt() * mean) / (a * std**2 + 1 - a)
-        return DenoiserOutput(x0, process.eps_from_x0(x_t, a, x0))
+    def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+        x0 = mean + alpha * std**2 * (x - alpha * mean) / (alpha**2 * std**2 + sigma**2)
+        return DenoiserOutput(x0, (x - alpha * x0) / sigma)
 
     return denoise
 
 
-def gaussian_ode_solution(x_T: Tensor, a_T: Tensor, a: Tensor, mean: float, std: float) -> Tensor:
-    """The probability-flow ODE keeps (x_t - sqrt(a) mean) / sqrt(a std^2 + 1 - a) constant for Gaussian data, so
-    x at alpha_bar = a from x_T at alpha_bar = a_T in closed form."""
-    z = (x_T - a_T.sqrt() * mean) / (a_T * std**2 + 1 - a_T).sqrt()
-    return a.sqrt() * mean + (a * std**2 + 1 - a).sqrt() * z
+def gaussian_ode_solution(x_T: Tensor, alpha_T: Tensor, sigma_T: Tensor, alpha: Tensor, sigma: Tensor, mean: float,
+                          std: float) -> Tensor:
+    """The probability-flow ODE keeps (x - alpha mean) / sqrt(alpha^2 std^2 + sigma^2) constant for Gaussian data, so
+    x at (alpha, sigma) from x_T at (alpha_T, sigma_T) in closed form."""
+    z = (x_T - alpha_T * mean) / (alpha_T**2 * std**2 + sigma_T**2).sqrt()
+    return alpha * mean + (alpha**2 * std**2 + sigma**2).sqrt() * z
+
+
+def run_sampler(sampler, process, denoiser, noise: Tensor, callback=None, generator=None) -> Tensor:
+    """`sampler` from x = noise over the grid that `process` lays out for its steps and spacing."""
+    alphas, sigmas = process.sampling_grid(sampler.steps, sampler.spacing)
+    return sampler(denoiser, noise, alphas, sigmas, callback=callback, generator=generator)
