@@ -4,6 +4,7 @@ Fashion-MNIST is read from, in order: `root` (raw IDX files, gzipped or not), th
 dataset-fashion-mnist, torchvision's download. MNIST and CIFAR-10 come through torchvision's download into `root`.
 """
 
+import functools
 import gzip
 import pickle
 from pathlib import Path
@@ -117,22 +118,52 @@ def cifar10(root: str, train: bool) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def image_folder(root: str, train: bool, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
-    """Any folder of images (class sub-folders give the labels, as torchvision's ImageFolder), center-cropped and
-    resized to image_size. The same images serve train and test: hold out a validation split for scores."""
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
+def folder_files(root: str) -> tuple[list[str], Tensor, list[str]]:
+    """The image files under `root` (sorted), their labels and the class names: class sub-folders give the labels,
+    as torchvision's ImageFolder."""
     folder = Path(root)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise ConfigError(f"data.root={root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    classes = sorted({p.parent.relative_to(folder).as_posix() for p in files})
-    images = []
-    for path in files:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = TF.center_crop(TF.resize(image, image_size), image_size)
-            images.append(TF.pil_to_tensor(image))
-    labels = torch.tensor([classes.index(p.parent.relative_to(folder).as_posix()) for p in files])
-    return torch.stack(images), labels
+    folders = [p.parent.relative_to(folder).as_posix() for p in files]
+    classes = sorted(set(folders))
+    labels = torch.tensor([classes.index(name) for name in folders])
+    return [str(p) for p in files], labels, classes
+
+
+def resize_crop(image, image_size: int):
+    """The short side resized to image_size, then the center image_size x image_size crop (a PIL image or a
+    (C, H, W) tensor)."""
+    from torchvision.transforms import functional as TF
+
+    return TF.center_crop(TF.resize(image, image_size), image_size)
+
+
+def load_image(path: str, image_size: int | None, channels: int) -> Tensor:
+    """One image file as uint8 (C, H, W): grayscale or RGB, resized and center-cropped to image_size (None: as is)."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        return TF.pil_to_tensor(image if image_size is None else resize_crop(image, image_size))
+
+
+def _load_images(paths: list[str], image_size: int | None, channels: int) -> Tensor:
+    return torch.stack([load_image(path, image_size, channels) for path in paths])
+
+
+def decode_files(files: list[str], image_size: int | None, channels: int, num_workers: int = 0) -> Tensor:
+    """Every file by `load_image`, as uint8 (N, C, H, W), decoded by `num_workers` DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    batches = DataLoader(files, batch_size=256, num_workers=num_workers,
+                         collate_fn=functools.partial(_load_images, image_size=image_size, channels=channels))
+    return torch.cat(list(batches))
+
+
+def image_folder(root: str, train: bool, image_size: int, channels: int, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+    """Any folder of images (see `folder_files`), every file decoded up front. The same images serve train and
+    test: hold out a validation split for scores."""
+    files, labels, _ = folder_files(root)
+    return decode_files(files, image_size, channels, num_workers), labels

@@ -1,5 +1,6 @@
 """`ImageDataModule`: train / validation / test splits of an image data set, scaled to [-1, 1]."""
 
+import functools
 import hashlib
 from typing import Callable
 
@@ -21,6 +22,28 @@ def step_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+DECODE_LIMIT_BYTES = 4 * 2**30  # the most a lazy split's `images` decodes into memory
+
+
+def held_out(length: int, val_size: int) -> tuple[Tensor, Tensor]:
+    """(validation, training) indices: the first val_size of a fixed permutation of range(length) are held out."""
+    if not 0 <= val_size < length:
+        raise ConfigError(f"data.val_size={val_size} must be in 0..{length - 1}")
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(1234))
+    return order[:val_size], order[val_size:]
+
+
+def check_decodable(length: int, shape: tuple[int, ...]) -> None:
+    """One line instead of running out of memory when `length` images of `shape` exceed DECODE_LIMIT_BYTES."""
+    size = length * torch.Size(shape).numel()
+    if size > DECODE_LIMIT_BYTES:
+        raise ConfigError(
+            f"a split of {length} images ({size / 2**30:.1f} GiB decoded) is more than the "
+            f"{DECODE_LIMIT_BYTES / 2**30:.0f} GiB held in memory for scores and figures; compare against "
+            "metrics.real_split=val (data.val_size images)"
+        )
+
+
 class UInt8ImageDataset(Dataset):
     """(image scaled to [-1, 1], label) from uint8 images held in memory."""
 
@@ -32,6 +55,36 @@ class UInt8ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index].float() / 127.5 - 1, self.labels[index]
+
+    def subset(self, indices: Tensor) -> "UInt8ImageDataset":
+        return UInt8ImageDataset(self.images[indices], self.labels[indices])
+
+
+class ImageFileDataset(Dataset):
+    """(image scaled to [-1, 1], label), each image decoded from its file when read (`datasets.load_image`), in
+    the loader's workers: memory holds the file list, whatever the folder's size. `images` decodes the whole set
+    once, for what wants uint8 tensors (real images for scores, the loss-by-timestep callback, figures)."""
+
+    def __init__(self, files: list[str], labels: Tensor, image_size: int, channels: int):
+        self.files, self.labels, self.image_size, self.channels = files, labels, image_size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, index: int) -> Tensor:
+        return datasets.load_image(self.files[index], self.image_size, self.channels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.image(index).float() / 127.5 - 1, self.labels[index]
+
+    def subset(self, indices: Tensor) -> "ImageFileDataset":
+        return ImageFileDataset([self.files[i] for i in indices.tolist()], self.labels[indices], self.image_size,
+                                self.channels)
+
+    @functools.cached_property
+    def images(self) -> Tensor:
+        check_decodable(len(self), (self.channels, self.image_size, self.image_size))
+        return datasets.decode_files(self.files, self.image_size, self.channels)
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -84,7 +137,11 @@ class ResumableLoader(DataLoader):
 class ImageDataModule(LightningDataModule):
     """Images scaled to [-1, 1] with labels. `val_size` images of the training set are held out for validation;
     `test` is the data set's own test split. Random horizontal flips are drawn on the device after transfer,
-    from a seed that depends only on (seed, rank, step)."""
+    from a seed that depends only on (seed, rank, step). A folder that decodes to at most `in_memory_limit_mb`
+    MiB is decoded up front (by `num_workers` workers) and held in memory, as the other data sets are; a larger
+    one is decoded file by file as the loader reads it (`ImageFileDataset`)."""
+
+    DATASETS = DATASETS
 
     def __init__(
         self,
@@ -100,10 +157,11 @@ class ImageDataModule(LightningDataModule):
         conditional: bool = False,
         seed: int = 0,
         pin_memory: bool = False,
+        in_memory_limit_mb: int = 1024,
     ):
         super().__init__()
-        if dataset not in DATASETS:
-            raise ConfigError(f"data.dataset={dataset!r} is not a data set; choose one of {', '.join(DATASETS)}")
+        if dataset not in self.DATASETS:
+            raise ConfigError(f"data.dataset={dataset!r} is not a data set; choose one of {', '.join(self.DATASETS)}")
         for key, value, low in (("batch_size", batch_size, 1), ("image_size", image_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"data.{key}={value} must be an integer >= {low}")
@@ -112,34 +170,37 @@ class ImageDataModule(LightningDataModule):
         self.dataset, self.root, self.image_size, self.channels = dataset, root, image_size, channels
         self.batch_size, self.num_workers, self.random_flip = batch_size, num_workers, random_flip
         self.val_size, self.num_classes, self.conditional, self.seed = val_size, num_classes, conditional, seed
-        self.pin_memory = pin_memory
+        self.pin_memory, self.in_memory_limit_mb = pin_memory, in_memory_limit_mb
         self.train_set = self.val_set = self.test_set = None
 
-    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
-        """The uint8 images (N, C, H, W) and labels of one split, checked against image_size and channels."""
+    def split(self, train: bool) -> UInt8ImageDataset | ImageFileDataset:
+        """One whole split (a folder's one split serves both), checked against image_size and channels."""
         if self.dataset == "folder":
-            images, labels = datasets.image_folder(self.root, train, self.image_size, self.channels)
-        else:
-            images, labels = getattr(datasets, self.dataset)(self.root, train)
+            files, labels, _ = datasets.folder_files(self.root)
+            if len(files) * self.channels * self.image_size**2 > self.in_memory_limit_mb * 2**20:
+                return ImageFileDataset(files, labels, self.image_size, self.channels)
+            return UInt8ImageDataset(datasets.decode_files(files, self.image_size, self.channels, self.num_workers), labels)
+        images, labels = getattr(datasets, self.dataset)(self.root, train)
         if images.shape[1:] != (self.channels, self.image_size, self.image_size):
             found = "x".join(map(str, images.shape[2:])) + f"x{images.shape[1]}"
             raise ConfigError(
                 f"data set {self.dataset} has {found} images, but data.image_size={self.image_size} and "
                 f"data.channels={self.channels}; set them to match"
             )
-        return images, labels
+        return UInt8ImageDataset(images, labels)
+
+    def load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """The uint8 images (N, C, H, W) and labels of one split."""
+        split = self.split(train)
+        return split.images, split.labels
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            images, labels = self.load_split(train=True)
-            if not 0 <= self.val_size < len(images):
-                raise ConfigError(f"data.val_size={self.val_size} must be in 0..{len(images) - 1}")
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
-            val, train = order[: self.val_size], order[self.val_size :]
-            self.train_set = UInt8ImageDataset(images[train], labels[train])
-            self.val_set = UInt8ImageDataset(images[val], labels[val])
+            train = self.split(train=True)
+            val, rest = held_out(len(train), self.val_size)
+            self.train_set, self.val_set = train.subset(rest), train.subset(val)
         if stage in ("test", None) and self.test_set is None:
-            self.test_set = UInt8ImageDataset(*self.load_split(train=False))
+            self.test_set = self.split(train=False)
 
     def train_dataloader(self) -> ResumableLoader:
         if len(self.train_set) < self.batch_size:

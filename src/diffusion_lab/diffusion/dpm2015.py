@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract, normal_kl, vp_norm
-from diffusion_lab.diffusion.process import broadcast
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract, normal_kl
+from diffusion_lab.diffusion.process import broadcast, vp_norm
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast, vp_norm
 from diffusion_lab.diffusion.schedules import log_sigmas, nonzero_alpha_bar
 from diffusion_lab.diffusion.timesteps import timestep_at_log_sigma, timesteps_for
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
@@ -51,14 +51,6 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_var: Tensor
     log_survival_lower = torch.special.log_ndtr(-lower)
     log_bin = torch.log((torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_bin))
-
-
-def vp_norm(alpha: Tensor, sigma: Tensor) -> Tensor:
-    """sqrt(alpha^2 + sigma^2), the factor between x at the level (alpha, sigma) and the variance-preserving path's
-    point of the same SNR (where alpha^2 + sigma^2 = 1); taken as exactly 1 within 1e-12 of it, so that the path's
-    own points pass unchanged."""
-    norm = (alpha.to(torch.float64) ** 2 + sigma.to(torch.float64) ** 2).sqrt().reshape(-1)
-    return torch.where((norm - 1).abs() < 1e-12, torch.ones_like(norm), norm)
 
 
 class GaussianDiffusion(Process):

@@ -5,7 +5,7 @@ A process is a path x = alpha x_0 + sigma eps with its training loss. It gives t
   the path each sample was drawn at (0 data, 1 noise), for the loss-by-noise-level figure;
 - `denoiser(net, clip_denoised, guidance_scale, class_labels) -> Denoiser` over any noise level (alpha, sigma);
 - `sampling_grid(steps, spacing) -> (alphas, sigmas)` (steps + 1,) from noise to the data (alpha = 1, sigma = 0);
-- `output_channels(channels)`, `clip_x0` and `name` (for messages).
+- `output_channels(channels)`, `clip_x0`, `default_spacing` and `name` (for messages).
 The samplers (diffusion_lab.samplers) are functions of the denoiser and the grid alone.
 """
 
@@ -20,6 +20,14 @@ from diffusion_lab.utils.errors import ConfigError
 def broadcast(value: Tensor, like: Tensor) -> Tensor:
     """A scalar or per-sample (B,) value reshaped to broadcast over a batch like `like`, in its dtype."""
     return value.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def vp_norm(alpha: Tensor, sigma: Tensor) -> Tensor:
+    """sqrt(alpha^2 + sigma^2) (B,) or (1,): the std of x = alpha x_0 + sigma eps for data of unit variance, and the
+    factor between x at the level (alpha, sigma) and the variance-preserving path's point of the same SNR; taken as
+    exactly 1 within 1e-12 of it, so that the points of a variance-preserving path pass unchanged."""
+    norm = (alpha.to(torch.float64) ** 2 + sigma.to(torch.float64) ** 2).sqrt().reshape(-1)
+    return torch.where((norm - 1).abs() < 1e-12, torch.ones_like(norm), norm)
 
 
 class GuidedNetwork:

@@ -427,6 +427,7 @@ def dopri5(
         if evals[0] > max_evals:
             raise SamplerError(f"sampler=dopri5 needed more than sampler.max_evals={max_evals} network evaluations "
                                f"(at s={float(s_now):.4g}); raise max_evals or loosen rtol={rtol}, atol={atol}")
+        s_now = s_now.clamp(s[-2], s[0])  # torchdiffeq's first-step selection may probe past the interval
         out = denoiser(z, 1 - s_now, s_now)
         return out.eps - out.x0
 

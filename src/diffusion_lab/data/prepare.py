@@ -1,0 +1,168 @@
+"""Write a data set as litdata shards for `data=shards`:
+
+    python -m diffusion_lab.data.prepare data=folder data.root=DIR out=SHARDS [data.image_size=N] [num_workers=N]
+    python -m diffusion_lab.data.prepare data=cifar10 out=SHARDS
+
+Each image is resized (short side) and center-cropped to data.image_size (null: kept as it is, which needs one
+square size for all), stored as uint8 (C, H, W) with its label by `litdata.optimize` (progress bar included).
+Splits: `val` holds the data.val_size images ImageDataModule holds out, `train` the rest (in that held-out
+permutation's order, so every chunk mixes the classes), `test` the data set's test split (a folder has none).
+Stopped (Ctrl-C, a bad file), the same command goes on where it stopped: finished splits are kept and litdata's
+checkpoints resume the unfinished one from its last written chunk.
+"""
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import hydra
+import litdata
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from diffusion_lab.data import datasets
+from diffusion_lab.data.image_datamodule import held_out
+from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
+from diffusion_lab.utils.cli import one_line_errors
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import atomic_path
+
+SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder")
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+ConfigStore.instance().store(name="prepare", node={
+    "defaults": ["_self_", {"data": "fashion_mnist"}, {"paths": "default"},
+                 {"override hydra/job_logging": "disabled"}, {"override hydra/hydra_logging": "disabled"}],
+    "out": "???",  # the shards folder to write (local; copy it to object storage afterwards if wanted)
+    "num_workers": 4,  # processes that decode and write; a resumed run must use the same number
+    "chunk_bytes": "64MB",  # litdata's chunk size: each DDP rank and loader worker streams whole chunks
+    "seed": 0,  # unused here: the data configs interpolate it
+    "hydra": {"run": {"dir": "."}, "output_subdir": None},
+})
+
+
+def folder_sample(index: int, files: list[str], labels: Tensor, image_size: int | None, channels: int) -> dict:
+    return {"image": datasets.load_image(files[index], image_size, channels).numpy(), "label": int(labels[index])}
+
+
+def array_sample(index: int, images: Tensor, labels: Tensor, image_size: int) -> dict:
+    image = images[index]
+    if image.shape[-2:] != (image_size, image_size):
+        image = datasets.resize_crop(image, image_size)
+    return {"image": image.numpy(), "label": int(labels[index])}
+
+
+def folder_image_size(files: list[str]) -> int:
+    """The one square size of every image (data.image_size=null keeps sizes as they are)."""
+    from PIL import Image
+
+    sizes = {}
+    for path in files:
+        with Image.open(path) as image:
+            sizes.setdefault(image.size, path)
+    if len(sizes) > 1 or any(w != h for w, h in sizes):
+        found = ", ".join(f"{w}x{h} ({path})" for (w, h), path in list(sizes.items())[:3])
+        raise ConfigError(f"data.image_size=null keeps each image's size, but the images are not all of one square "
+                          f"size: {found}; set data.image_size=N to resize and center-crop them")
+    return next(iter(sizes))[0]
+
+
+def plan(data: DictConfig) -> tuple[dict, dict]:
+    """(the settings prepared.json records, {split: (litdata fn, input indices)}) of a data config."""
+    if data.get("dataset") not in SOURCES:
+        raise ConfigError(f"data={data.get('dataset')} cannot be prepared; choose one of {', '.join(SOURCES)}")
+    if data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={data.channels} must be 1 or 3")
+    image_size = data.image_size
+    if data.dataset == "folder":
+        files, labels, classes = datasets.folder_files(data.root)
+        image_size = image_size or folder_image_size(files)
+        fns = {"train": functools.partial(folder_sample, files=files, labels=labels, image_size=image_size,
+                                          channels=data.channels)}
+        sizes, num_classes, extra = {"train": len(files)}, len(classes), {"classes": classes}
+    else:
+        loaded = {split: getattr(datasets, data.dataset)(data.root, split == "train") for split in ("train", "test")}
+        channels, size = loaded["train"][0].shape[1], loaded["train"][0].shape[-1]
+        if channels != data.channels:
+            raise ConfigError(f"data set {data.dataset} has {channels}-channel images, but data.channels="
+                              f"{data.channels}; set them to match")
+        image_size = image_size or size
+        fns = {split: functools.partial(array_sample, images=images, labels=labels, image_size=image_size)
+               for split, (images, labels) in loaded.items()}
+        sizes = {split: len(images) for split, (images, _) in loaded.items()}
+        num_classes, extra = data.num_classes, {}
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"data.image_size={image_size} must be an integer >= 1, or null")
+    val, train = held_out(sizes["train"], data.val_size)
+    jobs = {"train": (fns["train"], train.tolist()), "val": (fns["train"], val.tolist())}
+    if "test" in fns:
+        jobs["test"] = (fns["test"], list(range(sizes["test"])))
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": {"dataset": data.dataset, "root": str(Path(data.root).resolve())},
+        "image_shape": [data.channels, image_size, image_size],
+        "num_classes": num_classes,
+        **extra,
+        "splits": {split: len(indices) for split, (_, indices) in jobs.items()},
+    }
+    return settings, jobs
+
+
+def write_meta(out: Path, meta: dict) -> None:
+    with atomic_path(out / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+
+
+def root_cause(error: BaseException) -> str:
+    """The first `SomeError: message` line of a litdata worker's traceback (the worker's own exception)."""
+    causes = re.findall(r"^\w*(?:Error|Exception): .*$", str(error), flags=re.M)
+    return causes[0] if causes else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Write (or finish writing) the shards of `cfg.data` into `cfg.out`; returns the prepared.json written."""
+    if is_url(cfg.out):
+        raise ConfigError(f"out={cfg.out} must be a local folder; copy it to object storage once written")
+    out = Path(cfg.out)
+    settings, jobs = plan(cfg.data)
+    settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
+    if (out / META_FILE).is_file():
+        previous = json.loads((out / META_FILE).read_text())
+        differ = [key for key in (settings.keys() | previous.keys()) - {"complete"} if previous.get(key) != settings.get(key)]
+        if differ:
+            raise ConfigError(f"out={out} holds shards prepared with other settings ({', '.join(sorted(differ))}); "
+                              "choose another out, or delete it to start again")
+        if previous.get("complete"):
+            print(f"{out} is already prepared: {previous['splits']}")
+            return previous
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"out={out} is not empty and holds no {META_FILE}; choose an empty or new folder")
+    write_meta(out, {**settings, "complete": False})
+    for split, (fn, indices) in jobs.items():
+        if (out / split / "index.json").is_file():
+            print(f"{split}: already written")
+            continue
+        print(f"{split}: {len(indices)} images into {out / split}")
+        try:
+            litdata.optimize(fn=fn, inputs=indices, output_dir=str(out / split), chunk_bytes=cfg.chunk_bytes,
+                             num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
+        except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
+            raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
+                              "command again, it goes on from the last chunk written") from error
+    meta = {**settings, "complete": True}
+    write_meta(out, meta)
+    return meta
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="prepare")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    OmegaConf.resolve(cfg.data)
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()
