@@ -87,7 +87,7 @@ def test_adaptive_solver_is_within_its_tolerance():
         errors.append((x0 - exact).pow(2).mean().sqrt().item())
         evaluations.append(sampler.evaluations_used)
         assert errors[-1] < 3 * sampler.evaluations_used / 6 * tolerance  # 6 evaluations a step; 3: error growth
-    assert errors[1] < errors[0] / 10 and evaluations[0] < evaluations[1] < 1000
+    assert errors[1] < errors[0] / 5 and evaluations[0] < evaluations[1] < 1000
 
 
 def test_adaptive_solver_over_its_evaluation_cap_is_an_error():
