@@ -6,12 +6,12 @@ import inspect
 import diffusers
 import pytest
 import torch
-from toy_models import TinyNet
+from toy_models import TinyNet, run_sampler
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.samplers.spacing import timesteps_for
+from diffusion_lab.diffusion.timesteps import timesteps_for
 
 T, STEPS, TOL = 40, 8, 1e-5  # T % STEPS == 0: diffusers DDIM takes prev = t - T // STEPS, not the next listed step
 PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction"}
@@ -37,9 +37,13 @@ def run_diffusers(scheduler, net, process, noise, steps, generator, first_only=F
     # our x_T = noise is x / sqrt(alpha_bar) in the sigma (VE) samplers' variable
     sigma_max = scheduler.sigmas[0].double() if hasattr(scheduler, "sigmas") else None
     x = noise * (1 + sigma_max**2).sqrt() if scheduler.init_noise_sigma != 1 else noise.clone()
-    for t in scheduler.timesteps:
+    sde = str(getattr(scheduler.config, "algorithm_type", "")).startswith("sde")
+    for i, t in enumerate(scheduler.timesteps):
         model_output = net(scheduler.scale_model_input(x, t), t.double().expand(x.shape[0]))
-        if "generator" in inspect.signature(scheduler.step).parameters:
+        if sde:  # diffusers draws its SDE noise in float32: give it our float64 draw (none on the last step, to sigma 0)
+            if i < len(scheduler.timesteps) - 1:
+                step_kwargs["variance_noise"] = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        elif "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = generator
         x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
         if first_only and getattr(scheduler, "state_in_first_order", True):  # Heun: after its 2nd evaluation
@@ -50,15 +54,15 @@ def run_diffusers(scheduler, net, process, noise, steps, generator, first_only=F
 def run_ours(sampler, net, process, noise, generator, clip_denoised, first_only=False):
     first = []
     callback = (lambda info: first.append(info["x"])) if first_only else None
-    x = sampler(process.denoiser(net, clip_denoised=clip_denoised), noise, process, callback=callback,
-                generator=generator)
+    x = run_sampler(sampler, process, process.denoiser(net, clip_denoised=clip_denoised), noise, callback=callback,
+                    generator=generator)
     return first[0] if first_only else x
 
 
 def sigma_scaled_first_step(sampler, x, process):
-    """The VE samplers' state after one step is x / sqrt(alpha_bar) of ours."""
-    _, alpha_bars = sampler.schedule(process)
-    return x / alpha_bars[1].sqrt()
+    """The VE samplers' state after one step is x / alpha = x / sqrt(alpha_bar) of ours."""
+    alphas, _ = process.sampling_grid(sampler.steps, sampler.spacing)
+    return x / alphas[1]
 
 
 CASES = [
@@ -83,8 +87,15 @@ CASES = [
      {"solver_type": "bh2", "solver_order": 2, "timestep_spacing": "trailing"}, {}, False),
     ("unipc_3", Sampler("unipc", STEPS, "trailing", order=3), diffusers.UniPCMultistepScheduler,
      {"solver_type": "bh2", "solver_order": 3, "timestep_spacing": "trailing"}, {}, False),
+    ("dpm_solver_pp_2_sde", Sampler("dpm_solver_pp", STEPS, "trailing", order=2, sde=True),
+     diffusers.DPMSolverMultistepScheduler,
+     {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "timestep_spacing": "trailing"}, {}, False),
     ("heun_karras", Sampler("heun", STEPS, "karras"), diffusers.HeunDiscreteScheduler,
      {"use_karras_sigmas": True, "timestep_spacing": "linspace"}, {}, False),
+    ("euler_leading", Sampler("euler", STEPS, "leading"), diffusers.EulerDiscreteScheduler,
+     {"timestep_spacing": "leading"}, {}, False),
+    ("euler_trailing", Sampler("euler", STEPS, "trailing"), diffusers.EulerDiscreteScheduler,
+     {"timestep_spacing": "trailing"}, {}, False),
     ("euler_ancestral_leading", Sampler("euler_ancestral", STEPS, "leading"), diffusers.EulerAncestralDiscreteScheduler,
      {"timestep_spacing": "leading"}, {}, False),
     ("euler_ancestral_trailing", Sampler("euler_ancestral", STEPS, "trailing"),
@@ -101,7 +112,8 @@ def test_matches_diffusers(name, sampler, cls, config, step_kwargs, clip, object
     config = {"prediction_type": PREDICTION_TYPE[objective], **config}
     if "clip_sample" in cls.__init__.__code__.co_varnames and "clip_sample" not in config:
         config["clip_sample"] = clip
-    sigma_space = cls in (diffusers.HeunDiscreteScheduler, diffusers.EulerAncestralDiscreteScheduler)
+    sigma_space = cls in (diffusers.HeunDiscreteScheduler, diffusers.EulerDiscreteScheduler,
+                          diffusers.EulerAncestralDiscreteScheduler)
     for first_only in (True, False):
         theirs = run_diffusers(make_scheduler(cls, process, **config), net, process, noise, STEPS,
                                torch.Generator().manual_seed(2), first_only=first_only, **step_kwargs)
