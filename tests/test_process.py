@@ -46,11 +46,11 @@ class ConstantNet(torch.nn.Module):
 def test_loss_types_on_eps(loss_type, fn):
     process = GaussianDiffusion(beta_schedule("linear", 100), loss_type=loss_type)
     x0 = torch.randn(4, 1, 3, 3)
-    losses, t = process.training_losses(ConstantNet(1.5), x0, torch.Generator().manual_seed(3))
+    losses, u = process.training_losses(ConstantNet(1.5), x0, torch.Generator().manual_seed(3))
     generator = torch.Generator().manual_seed(3)
     t_again = torch.randint(0, 100, (4,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
-    assert torch.equal(t, t_again)
+    assert u.dtype == torch.float64 and torch.equal(u, t_again.double() / 100)  # u = t / T
     expected = torch.stack([fn(torch.full_like(noise[i], 1.5), noise[i]) for i in range(4)])
     assert torch.allclose(losses, expected, atol=1e-6)
 
