@@ -13,6 +13,7 @@ from torch.distributions import Normal, kl_divergence
 from diffusion_lab.diffusion.dpm2015 import DPM2015Diffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.components.dpm2015_net import DPM2015Net
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
 
@@ -164,8 +165,9 @@ def test_ddpm_sampler_over_all_steps_is_the_learned_ancestral_draw():
     net = DPM2015Net(1, 8, timesteps=T, n_hidden_conv=8, n_layers_conv=2, n_hidden_dense_lower=16).eval()
     noise = torch.randn(3, 1, 8, 8)
     sampler = Sampler("ddpm", T, variance="auto")
-    sample = process.sample(net, noise, sampler, generator=torch.Generator().manual_seed(5))  # the default: no clipping
-    clipped = process.sample(net, noise, sampler, generator=torch.Generator().manual_seed(5), clip_denoised=True)
+    model = DiffusionModel(net, process, (1, 8, 8))
+    sample = model.sample(noise, sampler, generator=torch.Generator().manual_seed(5))  # the default: no clipping
+    clipped = model.sample(noise, sampler, generator=torch.Generator().manual_seed(5), clip_denoised=True)
     assert (sample - clipped).abs().max() > 1e-3  # clipping x_0 would change this draw: the test can tell them apart
 
     g = torch.Generator().manual_seed(5)
@@ -197,7 +199,7 @@ def test_nll_metric_reports_the_processes_own_bound():
     net = FixedOutput(torch.randn(1, 2, 4, 4) * 0.1)
     images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
     options = {"nll": {"variance": "large", "clip_denoised": True}, "batch_size": 8, "real_split": "test"}
-    scores = nll_bits_per_dim(process, net, images, options, torch.device("cpu"), seed=5)
+    scores = nll_bits_per_dim(DiffusionModel(net, process, (1, 4, 4)), images, options, torch.device("cpu"), seed=5)
     direct = process.bits_per_dim(net, images.float() / 127.5 - 1, torch.Generator().manual_seed(5))
     assert scores["nll_bpd"] == pytest.approx(direct.double().mean().item(), rel=1e-6)
     assert scores["protocol"]["bound"] == "DPM2015Diffusion.bits_per_dim"
@@ -221,7 +223,7 @@ def test_fid_callback_reports_the_processes_own_bound(tmp_path):
                               lightning_module=SimpleNamespace(device=torch.device("cpu")),
                               strategy=SimpleNamespace(reduce=lambda value, reduce_op: value))
     callback = FID(str(tmp_path), nll_images=5, batch_size=8, seed=3)
-    logged = callback._nll(trainer, SimpleNamespace(process=process, net=net), conditional=False)
+    logged = callback._nll(trainer, DiffusionModel(net, process, (1, 4, 4)))
 
     x0 = images.float() / 127.5 - 1
     own = process.bits_per_dim(net, x0, torch.Generator().manual_seed(step_seed(3, 0, "nll")))

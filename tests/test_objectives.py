@@ -9,6 +9,7 @@ from toy_models import TinyNet
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
 
@@ -70,7 +71,8 @@ class Converted(torch.nn.Module):
 
 
 @pytest.mark.parametrize("algorithm, spacing", [("ddpm", "uniform"), ("ddim", "trailing"), ("dpm_solver_pp", "karras"),
-                                                ("unipc", "quadratic"), ("heun", "karras")])
+                                                ("unipc", "quadratic"), ("heun", "karras"), ("euler", "uniform"),
+                                                ("edm", "karras"), ("euler_ancestral", "leading")])
 @pytest.mark.parametrize("clip_denoised", [False, True])
 def test_objectives_sample_identically(algorithm, spacing, clip_denoised):
     betas = beta_schedule("linear", 30, beta_start=1e-3, beta_end=0.2)
@@ -80,8 +82,8 @@ def test_objectives_sample_identically(algorithm, spacing, clip_denoised):
     for objective in ("eps", "x0", "v"):
         process = GaussianDiffusion(betas, objective=objective)
         model = net if objective == "eps" else Converted(net, process, objective)
-        samples.append(process.sample(model, noise, Sampler(algorithm, 5, spacing), clip_denoised=clip_denoised,
-                                      generator=torch.Generator().manual_seed(1)))
+        samples.append(DiffusionModel(model, process, (2, 4, 4)).sample(
+            noise, Sampler(algorithm, 5, spacing), clip_denoised=clip_denoised, generator=torch.Generator().manual_seed(1)))
     assert (samples[0] - samples[1]).abs().max() < 1e-6 and (samples[0] - samples[2]).abs().max() < 1e-6
 
 
@@ -89,9 +91,9 @@ def test_objectives_sample_identically(algorithm, spacing, clip_denoised):
 def test_clipping_recomputes_eps(objective):
     process = GaussianDiffusion(beta_schedule("linear", 30), objective=objective)
     x_t = 3 * torch.randn(4, 2, 4, 4, dtype=torch.float64)
-    t = torch.tensor([0.0, 7.5, 20.0, 29.0], dtype=torch.float64)
-    out = process.denoiser(TinyNet(channels=2), clip_denoised=True)(x_t, t)
-    a = process.alpha_bar_at(t).reshape(-1, 1, 1, 1)
+    a = process.alpha_bar_at(torch.tensor([0.0, 7.5, 20.0, 29.0], dtype=torch.float64))
+    out = process.denoiser(TinyNet(channels=2), clip_denoised=True)(x_t, a.sqrt(), (1 - a).sqrt())
+    a = a.reshape(-1, 1, 1, 1)
     assert out.x0.abs().max() <= 1
     assert torch.allclose(a.sqrt() * out.x0 + (1 - a).sqrt() * out.eps, x_t)
 
@@ -140,14 +142,14 @@ def test_hybrid_loss_is_simple_plus_weighted_vlb_with_frozen_mean():
     process = GaussianDiffusion(beta_schedule("cosine", 30), loss_type="hybrid", vlb_weight=0.001)
     net = TinyNet(channels=2, out_channels=4)
     x0 = torch.rand(3, 2, 4, 4, dtype=torch.float64) * 2 - 1
-    loss, t = process.training_losses(net, x0, torch.Generator().manual_seed(0))
+    loss, u = process.training_losses(net, x0, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     t_ = torch.randint(0, 30, (3,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     out = net(process.q_sample(x0, t_, noise), t_.double())
     simple = ((out[:, :2] - noise) ** 2).flatten(1).mean(1)
     vlb = process.vlb_terms(x0, process.q_sample(x0, t_, noise), t_, out[:, :2].detach(), out[:, 2:])
-    assert torch.equal(t, t_)
+    assert torch.equal(u, t_.double() / 30)
     assert torch.allclose(loss.double(), simple + 0.001 * 30 * vlb, rtol=1e-5)
     # the bound trains the variance only: its gradient on the mean channels is zero
     out = net(process.q_sample(x0, t_, noise), t_.double()).detach().requires_grad_()
