@@ -18,6 +18,7 @@ from diffusion_lab.metrics.nll import variational_bound
 from diffusion_lab.metrics.precision_recall import precision_recall
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SampleScores
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.models.feature_classifier import ClassifierNet
 from diffusion_lab.utils.errors import ConfigError
 
@@ -215,6 +216,7 @@ def test_loss_by_timestep_buckets_hold_their_timesteps_losses():
     process = GaussianDiffusion(betas, loss_type="l2")
     x0 = torch.zeros(64, 1, 2, 2, dtype=torch.float64)
     net = OffsetNoise(x0[:1], process.alphas_cumprod)
-    losses = loss_by_timestep(process, net, x0, torch.Generator().manual_seed(0), buckets=4, repeats=8)
-    for k, loss in enumerate(losses.tolist()):  # bucket k holds t in [25 k, 25 k + 24]
+    model = DiffusionModel(net, process, (1, 2, 2))
+    losses = loss_by_timestep(model, x0, torch.Generator().manual_seed(0), buckets=4, repeats=8)
+    for k, loss in enumerate(losses.tolist()):  # bucket k holds u = t / T in [k / 4, (k + 1) / 4): t in [25 k, 25 k + 24]
         assert (0.01 * 25 * k) ** 2 - 1e-9 <= loss <= (0.01 * (25 * k + 24)) ** 2 + 1e-9
