@@ -54,12 +54,14 @@ def num_classes(cfg: Any) -> int | None:
     return data["num_classes"] if data.get("conditional", False) else None
 
 
-def build_net(cfg: Any, process: nn.Module) -> nn.Module:
-    """The backbone of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process
-    needs and, for class-conditional data, the number of classes."""
+def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
+    """The network of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs
+    (as many as it takes without one: the autoencoder and the feature classifier) and, for class-conditional data,
+    the number of classes."""
     channels, image_size, _ = backbone_shape(cfg)
-    return instantiate(cfg["model"], channels=channels, image_size=image_size,
-                       out_channels=process.output_channels(channels), num_classes=num_classes(cfg))
+    out_channels = process.output_channels(channels) if process is not None else channels
+    return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
+                       num_classes=num_classes(cfg))
 
 
 def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
@@ -24,7 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from diffusion_lab.builders import build_model
+from diffusion_lab.builders import build_model, build_net
+from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path
@@ -180,10 +181,12 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
-    model = build_model(cfg)
-    check_sampler(model, instantiate(cfg.sampler))
+    diffusion = issubclass(get_class(cfg.module._target_), DiffusionModule)
+    model = build_model(cfg) if diffusion else build_net(cfg)  # the autoencoder and the classifier train a network
+    if diffusion:
+        check_sampler(model, instantiate(cfg.sampler))
     if cfg.get("compile"):
-        model.net = compile_net(model.net)
+        compile_net(model.net if diffusion else model)
     module = instantiate(cfg.module, _partial_=True)(
         model=model,
         optimizer=instantiate(cfg.optimizer),

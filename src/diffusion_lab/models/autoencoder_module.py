@@ -31,18 +31,15 @@ RECONSTRUCTION_LOSSES = ("l1", "l2")
 class AutoencoderModule(LightningModule):
     """Logs train/loss, train/rec, train/kl; val/mse and val/psnr of the posterior-mean reconstruction (pixels in
     [-1, 1]; PSNR on [0, 1]: 10 log10(1 / mse_01)), val/scale_factor; and a grid of `num_images` validation
-    images over their reconstructions to `<output_dir>/reconstructions` and the logger. `process` and
-    `conditional` come from the diffusion pipeline's `train(cfg)` and are not used."""
+    images over their reconstructions to `<output_dir>/reconstructions` and the logger."""
 
     def __init__(
         self,
-        net: AutoencoderKL,
+        model: AutoencoderKL,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
         run_config: dict | None = None,
-        process: nn.Module | None = None,
-        conditional: bool = False,
         reconstruction_loss: str = "l1",
         kl_weight: float = 1.0e-6,
         num_images: int = 8,
@@ -54,7 +51,7 @@ class AutoencoderModule(LightningModule):
             )
         if kl_weight < 0:
             raise ConfigError(f"module.kl_weight={kl_weight} must be >= 0")
-        self.net = net
+        self.net = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed, self.run_config = seed, run_config or {}
         self.reconstruction_loss, self.kl_weight, self.num_images = reconstruction_loss, kl_weight, num_images

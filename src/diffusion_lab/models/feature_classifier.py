@@ -64,21 +64,18 @@ class ClassifierNet(nn.Module):
 class FeatureClassifierModule(LightningModule):
     """Cross-entropy training of a `ClassifierNet`. After each validation it also measures the accuracy on the
     data set's test split (`test/acc`); every checkpoint records the test accuracy of its weights, with the
-    network's arguments, under `checkpoint["feature_classifier"]`. `process` and `conditional` come from the diffusion pipeline's
-    `train(cfg)` and are not used."""
+    network's arguments, under `checkpoint["feature_classifier"]`."""
 
     def __init__(
         self,
-        net: ClassifierNet,
+        model: ClassifierNet,
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
         run_config: dict | None = None,
-        process: nn.Module | None = None,
-        conditional: bool = False,
     ):
         super().__init__()
-        self.net = net
+        self.net = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed, self.run_config = seed, run_config or {}
         self.test_accuracy: float | None = None

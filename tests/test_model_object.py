@@ -1,0 +1,58 @@
+"""The model object on a latent run, as a new user meets it: the FID callback scores decoded images, the
+loss-by-timestep callback encodes, and metrics=[nll] refuses in one line (the three latent bugs of issue 12)."""
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONFIGS, run_script
+from test_fid_callback import classifier_checkpoint
+from tiny_run import image_folder
+
+from diffusion_lab.metrics.scores import SampleScores
+from diffusion_lab.models.diffusion_model import DiffusionModel
+
+
+def compose_run(overrides: list[str], output_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("train.yaml", overrides=[
+            *overrides, "data=folder", "data.image_size=8", "data.channels=1", "data.batch_size=8", "data.val_size=8",
+            "trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.max_epochs=-1", "trainer.limit_val_batches=1",
+            "trainer.val_check_interval=2", "logger=csv", "callbacks.rich_progress_bar=null",
+            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false", f"paths.output_dir={output_dir}",
+        ])
+
+
+def test_latent_run_callbacks_decode_and_encode_and_nll_refuses(tmp_path, monkeypatch):
+    from diffusion_lab.train import train
+
+    data = image_folder(tmp_path / "images")
+    train(compose_run(["experiment=autoencoder_fashion_mnist", f"data.root={data}", "model.dim=8"], tmp_path / "ae"))
+    scored_shapes, encoded_shapes = [], []
+    update, encode = SampleScores.update, DiffusionModel.encode
+    monkeypatch.setattr(SampleScores, "update", lambda self, batch: scored_shapes.append(tuple(batch.shape[1:])) or update(self, batch))
+    monkeypatch.setattr(DiffusionModel, "encode",
+                        lambda self, images, generator=None: encoded_shapes.append(tuple(images.shape[1:])) or encode(self, images, generator))
+    _, objects = train(compose_run([
+        "experiment=latent_ddpm_fashion_mnist", f"first_stage_ckpt={tmp_path / 'ae' / 'checkpoints' / 'last.ckpt'}",
+        f"data.root={data}", "model.dim=8", "model.attn_heads=1", "model.attn_dim_head=8", "schedule.timesteps=10",
+        "sampler.steps=3", "callbacks=[default,fid,loss_by_timestep]", "callbacks.sample_media=null",
+        "callbacks.fid.every_n_steps=2", "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=4",
+        f"callbacks.fid.classifier_path={classifier_checkpoint(tmp_path / 'clf.ckpt', 8)}",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}", "callbacks.loss_by_timestep.every_n_steps=2",
+        "callbacks.loss_by_timestep.num_images=4", "callbacks.loss_by_timestep.repeats=1",
+    ], tmp_path / "ldm"))
+    model = objects["module"].model
+    assert model.latent and model.sample_shape == (2, 4, 4)
+    assert scored_shapes and all(shape == (1, 8, 8) for shape in scored_shapes)  # decoded images, not 2x4x4 latents
+    assert encoded_shapes.count((1, 8, 8)) >= 2 + 1  # the training steps and the loss-by-timestep figure encode
+    assert list((tmp_path / "ldm").rglob("loss_by_timestep_*.png"))
+
+    result = run_script("sample.py", [f"ckpt_path={tmp_path / 'ldm' / 'checkpoints' / 'last.ckpt'}", "metrics=[nll]",
+                                      f"output_dir={tmp_path / 'nll'}", "device=cpu"], check=False)
+    assert result.returncode != 0 and not (tmp_path / "nll" / "metrics.json").exists()
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "latent" in message[0] and "nll" in message[0], result.stderr
