@@ -109,7 +109,9 @@ class DiT(nn.Module):
     """DiT-`size`/`patch_size` (sizes S, B, L, XL of the paper's Table 1); depth, hidden_size and num_heads, when
     given, replace the size's values. `num_classes` adds a class embedding with one extra null class (index
     num_classes) for classifier-free guidance; `gradient_checkpointing` recomputes each block in the backward pass
-    while training."""
+    while training. Two departures from the reference, neither changing parameters or FLOPs: the time features are
+    the project's SinusoidalEmbedding (exponent i / (d/2 - 1), not i / (d/2)), and the fixed position embedding is a
+    buffer, not a frozen parameter."""
 
     def __init__(
         self,
