@@ -100,7 +100,8 @@ def test_latent_diffusion_samples_images_of_the_data_shape(tmp_path):
         "callbacks.sample_media.trajectory_samples=1",
     ], tmp_path / "ldm")
     _, objects = train(stage2)
-    assert objects["module"].net.init_conv.in_channels == 2  # the backbone sees the 4x4x2 latents
+    model = objects["module"].model
+    assert model.latent and model.net.init_conv.in_channels == 2  # the backbone sees the 4x4x2 latents
     run_script("sample.py", [f"ckpt_path={tmp_path / 'ldm' / 'checkpoints' / 'last.ckpt'}", "num_samples=3",
                              "batch_size=2", f"output_dir={tmp_path / 'samples'}", "device=cpu", "trajectory_samples=2"])
     samples = np.load(tmp_path / "samples" / "samples.npz")["arr_0"]
@@ -148,11 +149,12 @@ def test_cross_attention_output_follows_the_context_and_the_null_token_ignores_t
 def test_guidance_scale_zero_is_the_unconditional_prediction():
     net = cross_attention_unet().eval()
     process = GaussianDiffusion(beta_schedule("linear", 20, 1e-4, 0.02))
-    x_t, t, labels = torch.randn(3, 1, 8, 8), torch.full((3,), 7.0), torch.tensor([0, 1, 2])
+    x_t, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    level = process.sqrt_alphas_cumprod[7], process.sqrt_one_minus_alphas_cumprod[7]  # (alpha, sigma) at t = 7
     with torch.no_grad():
-        guided = process.denoiser(net, clip_denoised=False, guidance_scale=0.0, class_labels=labels)(x_t, t)
-        unconditional = process.denoiser(net, clip_denoised=False, class_labels=torch.full((3,), 3))(x_t, t)
-        conditional = process.denoiser(net, clip_denoised=False, class_labels=labels)(x_t, t)
+        guided = process.denoiser(net, clip_denoised=False, guidance_scale=0.0, class_labels=labels)(x_t, *level)
+        unconditional = process.denoiser(net, clip_denoised=False, class_labels=torch.full((3,), 3))(x_t, *level)
+        conditional = process.denoiser(net, clip_denoised=False, class_labels=labels)(x_t, *level)
     torch.testing.assert_close(guided.eps, unconditional.eps, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(guided.eps, conditional.eps)
 
