@@ -14,7 +14,6 @@ from torch import nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
-from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import ddpm
 from diffusion_lab.utils.resolvers import register_resolvers
 
@@ -135,10 +134,10 @@ def test_tutorial_ddpm_steps_agree(variance, t):
     z = torch.randn(x_t.shape, generator=g, dtype=torch.float64)
     net = FixedEps(torch.randn(1, 1, 6, 6, generator=g)).double()
 
-    timesteps, alpha_bars = Sampler("ddpm", T).schedule(process)
+    alphas, sigmas = process.sampling_grid(T, "uniform")  # every timestep, T-1..0, then the data
     i = T - 1 - t  # the step from t to t - 1
     steps = []
-    ddpm(process.denoiser(net, clip_denoised=False), x_t, timesteps[i:], alpha_bars[i:], variance=variance,
+    ddpm(process.denoiser(net, clip_denoised=False), x_t, alphas[i:], sigmas[i:], variance=variance,
          callback=lambda state: steps.append(state["x"]), noise_sampler=lambda like: z)
 
     beta, alpha_bar = betas[t], torch.cumprod(1 - betas, 0)[t]
