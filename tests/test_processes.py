@@ -227,3 +227,26 @@ def test_bad_process_input_is_one_config_error_line(build, fragment):
     with pytest.raises(ConfigError) as error:
         build()
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_dpm_solver_pp_sde_matches_diffusers_sde_dpmsolver_pp():
+    """sampler.sde=true against DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") on a DDPM table, the
+    same x_T and the same noise at every step (diffusers' variance_noise), to diffusers' float32 steps."""
+    process = GaussianDiffusion(beta_schedule("linear", 40))
+    net = TinyNet(channels=2)
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=40, trained_betas=process.betas.numpy(),
+                                                      algorithm_type="sde-dpmsolver++", solver_order=2,
+                                                      timestep_spacing="trailing")
+    scheduler.alphas_cumprod = process.alphas_cumprod.clone()
+    scheduler.set_timesteps(8)
+    x_T = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noises = list(torch.randn(8, 3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    x = x_T.clone()
+    with torch.no_grad():
+        for t, z in zip(scheduler.timesteps, noises):
+            x = scheduler.step(net(x, t.double().expand(3)), t, x, variance_noise=z).prev_sample
+    drawn = iter(noises)
+    ours = SAMPLERS["dpm_solver_pp"](process.denoiser(net, clip_denoised=False), x_T,
+                                     *process.sampling_grid(8, "trailing"), order=2, sde=True,
+                                     noise_sampler=lambda like: next(drawn))
+    assert (ours - x).abs().max() < 1e-5
