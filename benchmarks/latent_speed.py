@@ -17,18 +17,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from common import add_threads_argument, apply_threads, compose_train
-from diffusion_lab.builders import backbone_shape, build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.latent_diffusion_module import LatentDiffusionModule
 
 
-def build(cfg, latent: bool) -> DiffusionModule:
-    process = build_process(cfg)
-    kwargs = dict(net=build_net(cfg, process), process=process, optimizer=instantiate(cfg.optimizer), seed=cfg.seed,
-                  run_config=OmegaConf.to_container(cfg, resolve=True))
-    if latent:
-        return LatentDiffusionModule(**kwargs, first_stage_ckpt=cfg.first_stage_ckpt)
-    return DiffusionModule(**kwargs)
+def build(cfg) -> DiffusionModule:
+    """The training module of cfg: latent diffusion when cfg has a first stage (loaded from cfg.first_stage_ckpt)."""
+    return DiffusionModule(build_model(cfg), instantiate(cfg.optimizer), seed=cfg.seed,
+                           run_config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def seconds_per_step(module: DiffusionModule, optimizer, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
@@ -60,8 +56,8 @@ def main() -> None:
     labels = torch.randint(0, data.num_classes, (args.batch_size,))
     runs = {}
     for name, cfg in (("pixel", pixel_cfg), ("latent", latent_cfg)):
-        module = build(cfg, latent=name == "latent")
-        runs[name] = (module, module.configure_optimizers()["optimizer"], backbone_shape(cfg))
+        module = build(cfg)
+        runs[name] = (module, module.configure_optimizers()["optimizer"], module.model.sample_shape)
         seconds_per_step(module, runs[name][1], images, labels, 1)  # warm-up
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
@@ -72,7 +68,7 @@ def main() -> None:
     print(f"backbone {model._target_.rsplit('.', 1)[-1]} dim={model.dim} dim_mults={list(model.dim_mults)}, "
           f"batch {args.batch_size}, {torch.get_num_threads()} threads, device cpu")
     for name, (module, _, shape) in runs.items():
-        params = sum(p.numel() for p in module.net.parameters())
+        params = sum(p.numel() for p in module.model.net.parameters())
         print(f"{name:>6}: backbone input {'x'.join(map(str, shape))}, {params / 1e6:.3f} M params, "
               f"{rates[name]:.1f} images/s")
     print(f"latent / pixel: {rates['latent'] / rates['pixel']:.2f}x (the latent rate includes the frozen encoder)")

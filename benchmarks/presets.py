@@ -3,9 +3,9 @@
     python benchmarks/presets.py [--presets ddpm_fashion_mnist,ddpm_cifar10,...] [--batch-size 16] [--steps 3]
         [--device cpu]
 
-Each preset's network and process are built from its composed config at full size (random weights, random
+Each preset's model (network and process) is built from its composed config at full size (random weights, random
 images: no data set needed). GFLOPs: torch.utils.flop_counter.FlopCounterMode over one forward of one image
-(multiply-adds count 2; norms and activations are not counted). Training: full steps (process.training_losses,
+(multiply-adds count 2; norms and activations are not counted). Training: full steps (the model's loss,
 backward, the preset's optimizer) on a batch of min(--batch-size, the preset's batch size), timed after one
 warm-up step; the last column is that throughput over the default experiment's (ddpm_fashion_mnist) measured in
 the same run.
@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import compose_train
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import build_model
 
 PRESETS = ["ddpm_fashion_mnist", "ddpm_mnist_simple", "dpm2015_mnist", "dpm2015_cifar10", "ddpm_small_fashion_mnist",
            "ddpm_cifar10"]
@@ -27,14 +27,13 @@ PRESETS = ["ddpm_fashion_mnist", "ddpm_mnist_simple", "dpm2015_mnist", "dpm2015_
 
 def measure(preset: str, batch_size: int, steps: int, device: torch.device) -> dict:
     cfg = compose_train([f"experiment={preset}"])
-    process = build_process(cfg).to(device)
-    net = build_net(cfg, process).to(device)
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    model = build_model(cfg).to(device)
+    net, shape = model.net, model.sample_shape
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
 
     net.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(torch.randn(1, *shape, device=device), torch.full((1,), process.num_timesteps / 2, device=device))
+        net(torch.randn(1, *shape, device=device), torch.zeros(1, device=device))  # the count does not depend on t
     gflops = counter.get_total_flops() / 1e9
 
     net.train()
@@ -44,7 +43,7 @@ def measure(preset: str, batch_size: int, steps: int, device: torch.device) -> d
     generator = torch.Generator(device).manual_seed(0)
 
     def step() -> None:
-        loss, _ = process.training_losses(net, x0, generator)
+        loss, _ = model.loss(x0, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         optimizer.step()

@@ -50,16 +50,19 @@ SAMPLER = Sampler("ddim", 50, "uniform", eta=0.0)  # configs/sampler/ddim.yaml
 class ReferenceUnet(nn.Module):
     """The reference's `Unet` as a project backbone (`model._target_=quality_vs_reference.ReferenceUnet`): the
     project's process, training loop and EMA over the reference's network, to tell the network's share of a gap
-    from the rest. RMSNorm has no groups and there is no class conditioning, so those options must stay unset."""
+    from the rest. RMSNorm has no groups and there is no class conditioning or gradient checkpointing, so those
+    options must stay unset."""
 
     def __init__(self, dim: int, dim_mults: list[int], channels: int, image_size: int, out_channels: int | None = None,
                  num_classes: int | None = None, self_condition: bool = False, attn_heads: int = 4,
-                 attn_dim_head: int = 32, resnet_block_groups: int | None = None, context_encoder=None):
+                 attn_dim_head: int = 32, resnet_block_groups: int | None = None, context_encoder=None,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         from denoising_diffusion_pytorch import Unet
 
-        if num_classes or context_encoder is not None or resnet_block_groups is not None:
-            raise ValueError("ReferenceUnet: no class conditioning, and set ~model.resnet_block_groups (RMSNorm has no groups)")
+        if num_classes or context_encoder is not None or resnet_block_groups is not None or gradient_checkpointing:
+            raise ValueError("ReferenceUnet: no class conditioning or gradient checkpointing, and set "
+                             "~model.resnet_block_groups (RMSNorm has no groups)")
         self.unet = Unet(dim=dim, dim_mults=tuple(dim_mults), channels=channels, out_dim=out_channels,
                          self_condition=self_condition, attn_heads=attn_heads, attn_dim_head=attn_dim_head)
         self.self_condition = self_condition
@@ -137,8 +140,8 @@ def project_runs(name: str, overrides: list[str], budgets: list[int], batch_size
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
         samples = {}
         for kind in weights:
-            process, net = load_model(checkpoint, kind, torch.device("cpu"))
-            samples[kind] = generate(process, net, SAMPLER, num_samples, 256, (1, 28, 28), seed=seed).samples
+            model = load_model(checkpoint, kind, torch.device("cpu"))
+            samples[kind] = generate(model, SAMPLER, num_samples, 256, seed=seed).samples
         yield budget, samples, budget * batch_size / seconds
 
 

@@ -1,5 +1,6 @@
 """Sampling images/s for each sampler at a given step count, on an untrained network of the configured model
-(speed does not depend on the weights), with network evaluations per image and the rate per evaluation.
+(speed does not depend on the weights), with network evaluations per image and the rate per evaluation. Each
+sampler runs on the process's default spacing; one that cannot run on the process's grid is skipped with its reason.
 
     python benchmarks/sample_speed.py --steps 50 --batch-size 64
     python benchmarks/sample_speed.py experiment=ddpm_cifar10 --steps 20 --samplers ddim dpm_solver_pp
@@ -13,10 +14,10 @@ import time
 import torch
 
 from common import add_threads_argument, apply_threads, compose_train
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.samplers.sampling import SAMPLERS
+from diffusion_lab.samplers.sampling import SAMPLERS, SamplerError
 
 
 def main() -> None:
@@ -31,23 +32,29 @@ def main() -> None:
     cfg = compose_train(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    process = build_process(cfg).to(device)
-    net = build_net(cfg, process).to(device).eval()
-    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}, batch {args.batch_size}, {'x'.join(map(str, shape))}, "
+    model = build_model(cfg).to(device).eval()
+    spacing = model.process.default_spacing
+    shape = "x".join(map(str, model.sample_shape))
+    print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}, batch {args.batch_size}, {shape}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}")
     print(f"  {'sampler':16s} {'steps':>5s} {'NFE':>5s} {'img/s':>9s} {'NFE*img/s':>10s}")
-    generate(process, net, Sampler("ddim", 2), args.batch_size, args.batch_size, shape)  # warm-up
+    generate(model, Sampler("ddim", 2, spacing), args.batch_size, args.batch_size)  # warm-up
     for name in args.samplers:
-        sampler = Sampler(name, args.steps)
+        sampler = Sampler(name, args.steps, spacing)
+        try:
+            sampler.check(*model.sampling_grid(sampler))
+        except SamplerError as error:
+            print(f"  {name:16s} skipped: {error}")
+            continue
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        generate(process, net, sampler, args.batch_size, args.batch_size, shape)
+        generate(model, sampler, args.batch_size, args.batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         images_per_s = args.batch_size / (time.perf_counter() - start)
-        print(f"  {name:16s} {args.steps:5d} {sampler.evaluations:5d} {images_per_s:9.2f} {images_per_s * sampler.evaluations:10.1f}")
+        nfe = sampler.evaluations_used  # dopri5: its adaptive count
+        print(f"  {name:16s} {args.steps:5d} {nfe:5d} {images_per_s:9.2f} {images_per_s * nfe:10.1f}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ Every sampler starts from the same noise. Quality is the Frechet distance of the
 experiment, or `--inception`), against the checkpoint's test split; the full chain (ddpm, steps = T) is the
 baseline row. Without an extractor it is the mean squared distance to the reference: the deterministic full
 chain (ddim, steps = T, the probability-flow discretization) from the same noise. Each sampler uses its
-`configs/sampler/<name>.yaml` (spacing, options); heun spends 2 steps - 1 evaluations, so it runs
-(NFE + 1) // 2 steps. Writes `<out>/table.md`, `<out>/results.json` and `<out>/quality_vs_nfe.png`.
+`configs/sampler/<name>.yaml` (spacing, options); heun and edm spend 2 steps - 1 evaluations, so they run
+(NFE + 1) // 2 steps. The baselines need a DDPM-family checkpoint (a process of T timesteps). Writes
+`<out>/table.md`, `<out>/results.json` and `<out>/quality_vs_nfe.png`.
 """
 
 import argparse
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 from diffusion_lab.metrics.evaluate import data_split, score_samples
 from diffusion_lab.sample import load_model
 from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.media import to_uint8
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "sampler"
@@ -34,14 +36,16 @@ def configured_sampler(name: str, nfe: int) -> Sampler:
     """The sampler of configs/sampler/<name>.yaml with as many steps as fit in `nfe` evaluations."""
     config = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"), resolve=False)
     options = {k: v for k, v in config.items() if k not in ("_target_", "algorithm", "steps", "spacing")}
-    steps = (nfe + 1) // 2 if config["algorithm"] == "heun" else nfe
+    steps = (nfe + 1) // 2 if config["algorithm"] in ("heun", "edm") else nfe
     return Sampler(config["algorithm"], steps, config["spacing"], **options)
 
 
-def draw(process, net, sampler, noise, batch_size, seed):
-    """Samples in [-1, 1] from the given noise, batch by batch, noise of stochastic samplers seeded."""
+def draw(model, sampler, noise, batch_size, seed):
+    """Images in [-1, 1] (decoded, for latent diffusion) from the given noise, batch by batch, noise of stochastic
+    samplers seeded."""
     generator = torch.Generator(noise.device).manual_seed(seed)
-    return torch.cat([process.sample(net, batch, sampler, generator=generator) for batch in noise.split(batch_size)])
+    return torch.cat([model.decode(model.sample(batch, sampler, generator=generator))
+                      for batch in noise.split(batch_size)])
 
 
 def main() -> None:
@@ -61,12 +65,15 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    process, net = load_model(checkpoint, args.weights, device)
+    checkpoint = load_checkpoint(args.ckpt, key="--ckpt")
+    model = load_model(checkpoint, args.weights, device)
+    if not hasattr(model.process, "num_timesteps"):
+        parser.error(f"--ckpt is a {model.process.name} checkpoint; the full-chain baselines need a DDPM-family "
+                     "process (T timesteps)")
     data = checkpoint["config"]["data"]
-    shape = (data["channels"], data["image_size"], data["image_size"])
+    shape = model.sample_shape
     noise = torch.randn((args.num_samples, *shape), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    T = process.num_timesteps
+    T = model.process.num_timesteps
 
     if args.classifier or args.inception:
         options = {"fid": {}, "extractor": "classifier" if args.classifier else "inception",
@@ -88,18 +95,18 @@ def main() -> None:
             return ((x - reference) ** 2).mean().item()
 
     start = time.perf_counter()
-    baseline = draw(process, net, baseline_sampler, noise, args.batch_size, args.seed)
+    baseline = draw(model, baseline_sampler, noise, args.batch_size, args.seed)
     if not (args.classifier or args.inception):
         reference = baseline
-    rows = [{"sampler": str(baseline_sampler), "name": "full chain", "nfe": baseline_sampler.evaluations,
+    rows = [{"sampler": str(baseline_sampler), "name": "full chain", "nfe": baseline_sampler.evaluations_used,
              "quality": quality(baseline), "seconds": time.perf_counter() - start}]
     print(rows[-1], flush=True)
     for name in args.samplers.split(","):
         for nfe in map(int, args.nfe.split(",")):
             sampler = configured_sampler(name, nfe)
             start = time.perf_counter()
-            x = draw(process, net, sampler, noise, args.batch_size, args.seed)
-            rows.append({"sampler": str(sampler), "name": name, "budget": nfe, "nfe": sampler.evaluations, "quality": quality(x),
+            x = draw(model, sampler, noise, args.batch_size, args.seed)
+            rows.append({"sampler": str(sampler), "name": name, "budget": nfe, "nfe": sampler.evaluations_used, "quality": quality(x),
                          "seconds": time.perf_counter() - start})
             print(rows[-1], flush=True)
 

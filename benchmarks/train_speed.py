@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import add_threads_argument, apply_threads, compose_train
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.models.diffusion_module import DiffusionModule
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -84,13 +84,12 @@ def main() -> None:
     autocast_dtype = AUTOCAST[args.precision]
 
     torch.manual_seed(0)
-    process = build_process(cfg)
-    nets = [build_net(cfg, process).to(device, memory_format=memory_format) for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
+    models = [build_model(cfg).to(device, memory_format=memory_format) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
     if args.compile:
-        for net in nets:
-            net.compile()
-    params = sum(p.numel() for p in nets[0].parameters())
+        for model in models:
+            model.net.compile()
+    params = sum(p.numel() for p in models[0].net.parameters())
 
     images = torch.rand(batch_size * (args.warmup + args.steps + 1), data.channels, data.image_size, data.image_size) * 2 - 1
     images = images.contiguous(memory_format=memory_format)
@@ -98,11 +97,11 @@ def main() -> None:
                         drop_last=True, pin_memory=device.type == "cuda")
 
     with FlopCounterMode(display=False) as counter:
-        nets[0](images[:batch_size].to(device), torch.zeros(batch_size, device=device))
+        models[0].net(images[:batch_size].to(device), torch.zeros(batch_size, device=device))
     forward_flops = counter.get_total_flops() / batch_size
 
     # Lightning: the project's DiffusionModule under a bare Trainer
-    module = DiffusionModule(nets[0], process, instantiate(cfg.optimizer), seed=cfg.seed)
+    module = DiffusionModule(models[0], instantiate(cfg.optimizer), seed=cfg.seed)
     times = StepTimes(device)
 
     def lightning_rate() -> float:
@@ -114,20 +113,20 @@ def main() -> None:
         return rate(times.times, args.warmup, batch_size)
 
     # plain loop: the same loss and optimizer, the same autocast and gradient scaling Lightning applies; its own
-    # process, since the Trainer moves the module (and the process in it) back to the CPU after each fit
-    net, plain_process = nets[1], build_process(cfg).to(device)
-    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    # model, since the Trainer moves the module (and the model in it) back to the CPU after each fit
+    plain = models[1]
+    optimizer = instantiate(cfg.optimizer)(params=plain.net.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "16-mixed")
     generator = torch.Generator(device).manual_seed(0)
 
     def plain_rate() -> float:
         stamps = []
-        net.train()
-        for x0, _ in loader:
-            x0 = x0.to(device, non_blocking=True)
+        plain.train()
+        for x0, labels in loader:
+            x0, labels = x0.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
             with autocast:
-                loss = plain_process.training_losses(net, x0, generator)[0].mean()
+                loss = plain.loss(x0, generator, labels)[0].mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
