@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import CONFIGS, compose_train, needs_fashion_mnist, run_script
-from diffusion_lab.builders import build_net, build_process
+from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
 from diffusion_lab.sample import sample
 from diffusion_lab.samplers import Sampler
@@ -41,8 +41,10 @@ def test_checkpoint_loads_with_weights_only_and_holds_ema_and_raw(trained_run):
     output_dir, _, _ = trained_run
     checkpoint = torch.load(output_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert isinstance(checkpoint["config"], dict) and checkpoint["config"]["model"]["dim"] == 8
-    ema, raw = submodule_state(checkpoint["state_dict"], "net"), submodule_state(checkpoint["current_model_state"], "net")
-    assert ema.keys() == raw.keys()
+    assert checkpoint["format_version"] == 2  # the weights of the model object, under model.
+    ema = submodule_state(checkpoint["state_dict"], "model.net")
+    raw = submodule_state(checkpoint["current_model_state"], "model.net")
+    assert ema and ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
     assert checkpoint["global_step"] == 3
 
@@ -71,10 +73,10 @@ def test_ema_weights_are_the_ones_sampled(trained_run, tmp_path):
     assert not np.array_equal(ema_samples, raw_samples)
 
     checkpoint = torch.load(ckpt, weights_only=True)
-    process = build_process(checkpoint["config"])
-    net = build_net(checkpoint["config"], process)
-    net.load_state_dict(submodule_state(checkpoint["state_dict"], "net"))
-    direct = generate(process, net.eval(), Sampler("ddim", 3), 3, 3, (1, 28, 28), seed=0)
+    model = build_model(checkpoint["config"], trained_first_stage=False)
+    model.load_state_dict(submodule_state(checkpoint["state_dict"], "model"))
+    assert model.sample_shape == (1, 28, 28)
+    direct = generate(model.eval(), Sampler("ddim", 3), 3, 3, seed=0)
     assert np.array_equal(direct.samples, ema_samples)
 
 
