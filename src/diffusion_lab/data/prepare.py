@@ -11,9 +11,13 @@ Stopped (Ctrl-C, a bad file), the same command goes on where it stopped: finishe
 checkpoints resume the unfinished one from its last written chunk.
 """
 
+import ctypes
 import functools
 import json
+import os
 import re
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -32,6 +36,7 @@ from diffusion_lab.utils.io import atomic_path
 
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder")
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 ConfigStore.instance().store(name="prepare", node={
     "defaults": ["_self_", {"data": "fashion_mnist"}, {"paths": "default"},
@@ -118,8 +123,33 @@ def write_meta(out: Path, meta: dict) -> None:
 
 def root_cause(error: BaseException) -> str:
     """The first `SomeError: message` line of a litdata worker's traceback (the worker's own exception)."""
-    causes = re.findall(r"^\w*(?:Error|Exception): .*$", str(error), flags=re.M)
+    causes = re.findall(r"^[\w.]*(?:Error|Exception): .*$", str(error), flags=re.M)
     return causes[0] if causes else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def children() -> set[int]:
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+
+def optimize(**kwargs) -> None:
+    """`litdata.optimize`, cleaning up after it. When a worker fails, litdata (0.2.76) kills it but not the file
+    remover process it started, which then waits on its queue for ever; as this process's child subreaper (Linux)
+    it becomes our child here and is killed. litdata also leaves its SIGINT handler installed: restored."""
+    previous = signal.getsignal(signal.SIGINT)
+    linux = sys.platform == "linux"
+    if linux:
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        before = children()
+    try:
+        litdata.optimize(**kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        while linux and (strays := children() - before):  # a killed worker's remover then becomes ours
+            for pid in strays:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        if linux:
+            ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def prepare(cfg: DictConfig) -> dict:
@@ -147,7 +177,7 @@ def prepare(cfg: DictConfig) -> dict:
             continue
         print(f"{split}: {len(indices)} images into {out / split}")
         try:
-            litdata.optimize(fn=fn, inputs=indices, output_dir=str(out / split), chunk_bytes=cfg.chunk_bytes,
+            optimize(fn=fn, inputs=indices, output_dir=str(out / split), chunk_bytes=cfg.chunk_bytes,
                              num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
         except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
             raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
