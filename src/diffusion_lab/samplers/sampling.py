@@ -438,6 +438,32 @@ def dopri5(
     return out.x0
 
 
+@torch.no_grad()
+def consistency(
+    denoiser: Denoiser,
+    x: Tensor,
+    alphas: Tensor,
+    sigmas: Tensor,
+    *,
+    sigma_min: float = 0.0,
+    callback: Callable | None = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): x_0 = f(x, tau_0) at the first grid point, then at
+    each later noisy point x = alpha_n x_0 + sqrt(sigma_n^2 - alpha_n^2 sigma_min^2) z and x_0 = f(x, tau_n); one
+    evaluation a step. sigma_min: the level where the consistency function is the identity (process.sigma_min), so
+    that x_0 already holds noise of that level; 0 on processes without one."""
+    noise_sampler = noise_sampler or torch.randn_like
+    n = len(alphas) - 1
+    for i in range(n):
+        out = denoiser(x, alphas[i], sigmas[i])
+        x = alphas[i + 1] * out.x0
+        if i < n - 1:
+            x = x + (sigmas[i + 1] ** 2 - (alphas[i + 1] * sigma_min) ** 2).clamp(min=0).sqrt() * noise_sampler(x)
+        _step(callback, i, x, out, alphas[i + 1], sigmas[i + 1])
+    return x
+
+
 GRID_CHECKS = {"edm": check_edm_grid}  # samplers that cannot run on every grid: the check they make first
 
 SAMPLERS = {
@@ -450,4 +476,5 @@ SAMPLERS = {
     "edm": edm,
     "euler_ancestral": euler_ancestral,
     "dopri5": dopri5,
+    "consistency": consistency,
 }

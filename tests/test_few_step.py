@@ -1,0 +1,149 @@
+"""Few-step generation: the consistency function and sampler (Song et al. 2023), consistency distillation on Gaussian
+toy data with the exact teacher, and each experiment's tiny run from a teacher checkpoint, sampled from its own
+checkpoint alone."""
+
+import pytest
+import torch
+from torch import nn
+
+from test_resume import last_checkpoint, run
+from tiny_run import image_folder, tiny_overrides
+from toy_models import gaussian_denoiser, gaussian_ode_solution
+
+from diffusion_lab.diffusion.consistency import Consistency, heun_step
+from diffusion_lab.sample import load_model
+from diffusion_lab.samplers import Sampler
+from diffusion_lab.samplers.sampling import DenoiserOutput
+from diffusion_lab.utils.errors import ConfigError
+
+MEAN, STD = 0.3, 0.5
+
+
+class PixelMLP(nn.Module):
+    """F(x, t) applied to each pixel alone: a 1x1-conv MLP of (x, t), enough for the per-pixel flows of Gaussian data."""
+
+    def __init__(self, width: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(2, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
+                                  nn.Conv2d(width, 1, 1))
+
+    def forward(self, x, t):
+        return self.body(torch.cat([x, t.to(x.dtype).reshape(-1, 1, 1, 1).expand_as(x)], 1))
+
+
+def toy_data(n: int, generator: torch.Generator) -> torch.Tensor:
+    return MEAN + STD * torch.randn(n, 1, 4, 4, generator=generator)
+
+
+def moment_errors(x: torch.Tensor) -> tuple[float, float]:
+    return abs(x.mean().item() - MEAN), abs(x.std().item() - STD)
+
+
+# the consistency function and sampler ---------------------------------------------------------------------------
+
+
+def test_consistency_function_is_exactly_the_identity_at_sigma_min():
+    process = Consistency()
+    x = torch.randn(5, 1, 4, 4) * 3
+    f = process.consistency_function(PixelMLP(), x, torch.full((5,), process.sigma_min, dtype=torch.float64))
+    assert torch.equal(f, x)
+    c_skip, c_out, _, _ = process.scalings(torch.tensor([process.sigma_min, 1.0], dtype=torch.float64))
+    assert c_skip[0] == 1 and c_out[0] == 0 and c_out[1] > 0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_consistency_sampler_with_the_exact_consistency_function_draws_the_data(steps):
+    """f(x, sigma) = the probability-flow ODE's point at sigma_min (closed form for Gaussian data): Alg. 1 at any step
+    count draws N(MEAN, STD^2 + sigma_min^2), with one evaluation a step."""
+    process = Consistency()
+
+    def exact(x, alpha, sigma):
+        x0 = gaussian_ode_solution(x, alpha, sigma, torch.ones_like(alpha), torch.full_like(sigma, process.sigma_min),
+                                   MEAN, STD)
+        return DenoiserOutput(x0, (x - x0) / sigma)
+
+    sampler = Sampler("consistency", steps, "karras", sigma_min=process.sigma_min)
+    alphas, sigmas = process.sampling_grid(steps)
+    assert len(sigmas) == steps + 1 and sigmas[0] == process.sigma_max and sigmas[-1] == 0
+    assert (sigmas[1:-1] > process.sigma_min).all() and (sigmas.diff() < 0).all()
+    x_T = torch.randn(20000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    x0 = sampler(exact, x_T, alphas, sigmas, generator=torch.Generator().manual_seed(1))
+    assert sampler.evaluations_used == steps == sampler.evaluations
+    assert abs(x0.mean().item() - MEAN) < 4 * STD / 20000**0.5
+    assert abs(x0.std().item() / (STD**2 + process.sigma_min**2) ** 0.5 - 1) < 0.02
+
+
+def test_consistency_distillation_student_moves_towards_the_data(one_thread):
+    """CD from the exact teacher of N(MEAN, STD^2): the one-step student's mean and std approach the data's as
+    training goes on (Song et al. 2023, Alg. 2 with a Heun teacher step, EMA target mu = 0.95, pseudo-Huber)."""
+    process = Consistency(num_scales=18)
+    net, target = PixelMLP(seed=0), PixelMLP(seed=0).requires_grad_(False)
+    teacher = gaussian_denoiser(MEAN, STD)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    alphas, sigmas = process.sampling_grid(1)
+    x_T = process.sigma_max * torch.randn(4096, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    errors = []
+    for step in range(301):
+        if step in (0, 100, 300):
+            errors.append(moment_errors(Sampler("consistency", 1, "karras")(process.denoiser(net), x_T, alphas, sigmas)))
+        loss, _ = process.consistency_losses(net, target, toy_data(64, generator), generator, process.num_scales,
+                                             lambda x, sigma_next, sigma, z, kw: heun_step(teacher, x, sigma_next, sigma))
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), 0.05)
+    (mean_0, std_0), (mean_1, std_1), (mean_2, std_2) = errors
+    print(f"one-step |mean - {MEAN}|, |std - {STD}| at steps 0/100/300: {errors}")
+    assert mean_2 < mean_1 < mean_0 and std_2 < std_1 < std_0
+    assert mean_2 < mean_0 / 4 and std_2 < std_0 / 4
+
+
+# experiments from teacher checkpoints ------------------------------------------------------------------------------
+
+
+def tiny(experiment: str, images, output_dir, steps: int = 2) -> list[str]:
+    base = [o for o in tiny_overrides(images, output_dir, steps) if not o.startswith("schedule.")]
+    return [f"experiment={experiment}", *base, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Tiny EDM and rectified-flow teachers (2 steps each) on a folder of 8x8 images."""
+    root = tmp_path_factory.mktemp("teachers")
+    images = image_folder(root / "images")
+    paths = {}
+    for name, experiment in (("edm", "edm_fashion_mnist"), ("flow", "rectified_flow_fashion_mnist")):
+        run(tiny(experiment, images, root / name))
+        paths[name] = root / name / "checkpoints" / "last.ckpt"
+    return images, paths
+
+
+def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, tmp_path, one_thread):
+    images, paths = teachers
+    run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths['edm']}"])
+    checkpoint = last_checkpoint(tmp_path / "cd")
+    assert not any(name.startswith("teacher") for name in checkpoint["state_dict"])  # reloaded from its path
+    assert any(name.startswith("target_net.") for name in checkpoint["current_model_state"])  # resumes exactly
+    model = load_model(checkpoint, "ema", torch.device("cpu"))
+    assert model.process.name == "consistency"
+    for steps in (1, 2, 4):
+        x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         Sampler("consistency", steps, "karras", sigma_min=model.process.sigma_min))
+        assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs a teacher: add teacher_ckpt=PATH"),
+    (["teacher_ckpt=/nonexistent.ckpt"], "teacher_ckpt=/nonexistent.ckpt does not exist"),
+    (["teacher_ckpt={flow}"], "is a flow_matching checkpoint; experiment=consistency_distillation distils"),
+    (["teacher_ckpt={edm}", "model.dim=16"], "the student's backbone differs from the teacher's"),
+])
+def test_consistency_distillation_bad_teacher_is_one_config_error_line(teachers, tmp_path, extra, message):
+    images, paths = teachers
+    extra = [e.format(**paths) for e in extra]
+    with pytest.raises(ConfigError, match=message) as error:
+        run(tiny("consistency_distillation", images, tmp_path / "bad") + extra)
+    assert "\n" not in str(error.value)
