@@ -4,13 +4,13 @@ evaluations (NFE) with each of its candidate samplers, scored by Frechet distanc
 features against the test split; the table gives each process's best sampler per NFE, the plot FD against NFE.
 
     python benchmarks/process_quality.py --classifier CLF.ckpt [--steps 3000] [--batch-size 128]
-        [--num-samples 5000] [--nfe 10,20,50] [--processes ddpm,rectified_flow,edm] [--threads N]
+        [--num-samples 5000] [--nfe 10,20,50] [--processes ddpm,rectified_flow,edm] [--samplers 3] [--threads N]
         [--out benchmarks/out/process_quality]
 
 Each process is its preset (experiment=ddpm_fashion_mnist, rectified_flow_fashion_mnist, edm_fashion_mnist), EMA
 weights sampled. A sampler of two evaluations a step (heun, edm) runs (NFE + 1) // 2 steps, so 2 * steps - 1 <= NFE.
 Writes `<out>/<process>/results.json` per process (so processes can run as separate jobs), `<out>/table.md` and
-`<out>/fd_vs_nfe.png`.
+`<out>/fd_vs_nfe.png`; a rerun with the same `--out` continues a process's finished training run (ckpt_path=auto).
 """
 
 import argparse
@@ -31,7 +31,7 @@ from quality_vs_reference import DATA, score
 PRESETS = {"ddpm": "ddpm_fashion_mnist", "rectified_flow": "rectified_flow_fashion_mnist", "edm": "edm_fashion_mnist"}
 CANDIDATES = {  # (algorithm, spacing, options) per process
     "ddpm": [("dpm_solver_pp", "trailing", {}), ("unipc", "trailing", {}), ("ddim", "trailing", {})],
-    "rectified_flow": [("euler", "uniform", {}), ("heun", "uniform", {}), ("unipc", "uniform", {})],
+    "rectified_flow": [("heun", "uniform", {}), ("euler", "uniform", {}), ("unipc", "uniform", {})],
     "edm": [("edm", "karras", {}), ("dpm_solver_pp", "karras", {}), ("unipc", "karras", {})],
 }
 
@@ -45,7 +45,8 @@ def run_process(name: str, args, test_images: torch.Tensor, out: Path) -> dict:
     run_dir = out / name / "run"
     cfg = compose_train([f"experiment={PRESETS[name]}", f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
                          f"data.batch_size={args.batch_size}", "logger=none", f"paths.output_dir={run_dir}",
-                         "callbacks.sample_media=null", "callbacks.rich_progress_bar=null", f"seed={args.seed}"])
+                         "callbacks.sample_media=null", "callbacks.rich_progress_bar=null", f"seed={args.seed}",
+                         "ckpt_path=auto"])  # a rerun reuses a finished training run
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
@@ -53,7 +54,7 @@ def run_process(name: str, args, test_images: torch.Tensor, out: Path) -> dict:
                        torch.device("cpu"))
     rows = []
     for nfe in args.nfe:
-        for algorithm, spacing, options in CANDIDATES[name]:
+        for algorithm, spacing, options in CANDIDATES[name][: args.samplers]:
             sampler = sampler_at(algorithm, spacing, options, nfe)
             samples = generate(model, sampler, args.num_samples, 250, seed=args.seed).samples
             scores = score(samples, test_images, args.classifier, args.seed)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--nfe", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20, 50])
     parser.add_argument("--processes", type=lambda s: s.split(","), default=list(PRESETS))
+    parser.add_argument("--samplers", type=int, default=3, help="how many of each process's candidate samplers, first first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/process_quality"))
     add_threads_argument(parser)
