@@ -227,24 +227,27 @@ def test_presets_build_a_class_conditional_dit_with_learned_sigma(preset, shape,
     assert out.shape == (2, 2 * shape[0], *shape[1:])
 
 
-MODEL_TINY = [override for override in TINY if not override.startswith("model.")]  # TINY's shrunk U-Net keys
+TINY_RUN = [override for override in TINY if not override.startswith(("model.", "schedule."))]  # less U-Net and T
+TINY_DIT = ["model=dit", "model.depth=2", "model.hidden_size=16", "model.num_heads=2", "model.patch_size=4"]
 
 
 @needs_fashion_mnist
 @pytest.mark.parametrize("overrides", [
-    ["experiment=dit_fashion_mnist", "model.depth=2", "model.hidden_size=16", "model.num_heads=2", "model.patch_size=4"],
+    ["experiment=dit_fashion_mnist", *TINY_DIT, "schedule.timesteps=20"],
     ["model=uvit", "model.depth=3", "model.hidden_size=16", "model.num_heads=2", "model.patch_size=4",
-     "data.conditional=true", "model.gradient_checkpointing=true"],
-], ids=["dit_fashion_mnist", "uvit"])
+     "data.conditional=true", "model.gradient_checkpointing=true", "schedule.timesteps=20"],
+    ["experiment=rectified_flow_fashion_mnist", *TINY_DIT, "data.conditional=true"],
+    ["experiment=edm_fashion_mnist", *TINY_DIT, "data.conditional=true"],
+], ids=["dit_fashion_mnist", "uvit", "dit_rectified_flow", "dit_edm"])
 def test_tiny_transformer_trains_and_samples_with_guidance(overrides, tmp_path):
-    """Three steps on real Fashion-MNIST reach every zero-initialised weight (adaLN-Zero, output layer, biases);
-    sample.py draws guided samples from the checkpoint."""
+    """Three steps on real Fashion-MNIST, under DDPM, rectified flow and EDM, reach every zero-initialised weight
+    (adaLN-Zero, output layer, biases); sample.py draws guided samples from the checkpoint."""
     from diffusion_lab.sample import sample
     from diffusion_lab.train import train
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*MODEL_TINY, *overrides, f"paths.output_dir={tmp_path / 'run'}",
+        cfg = compose("train.yaml", overrides=[*TINY_RUN, *overrides, f"paths.output_dir={tmp_path / 'run'}",
                                                f"paths.data_dir={tmp_path / 'data'}", "data.val_size=16"])
     zero_at_init = [k for k, v in build_net(cfg, build_process(cfg)).state_dict().items() if not v.any()]
     metrics, objects = train(cfg)
