@@ -10,6 +10,7 @@ from tiny_run import image_folder, tiny_overrides
 
 from diffusion_lab.sample import load_model
 from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.errors import ConfigError
 
 
 def overrides(experiment: str, images, output_dir, steps: int) -> list[str]:
@@ -30,3 +31,15 @@ def test_process_resumes_exactly_with_ema(experiment, sampler, tmp_path, one_thr
     assert not torch.equal(ema.net.final_conv.weight, raw.net.final_conv.weight)  # the EMA is its own average
     x = ema.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
     assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
+
+
+def test_resume_may_switch_gradient_checkpointing(tmp_path, one_thread):
+    """How the network runs is not what it is: a run resumed with model.gradient_checkpointing flipped is accepted,
+    and a changed width is still refused."""
+    images = image_folder(tmp_path / "images")
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    run(tiny_overrides(images, tmp_path / "first", 2))
+    run(tiny_overrides(images, tmp_path / "second", 3) + ["model.gradient_checkpointing=true", f"ckpt_path={first}"])
+    assert last_checkpoint(tmp_path / "second")["global_step"] == 3
+    with pytest.raises(ConfigError, match="resume with the same model overrides"):
+        run(tiny_overrides(images, tmp_path / "third", 3) + ["model.dim=16", f"ckpt_path={first}"])

@@ -103,11 +103,18 @@ def last_checkpoint_note(cfg: DictConfig) -> str:
     return f"{last} holds step {step}" if step is not None else "no checkpoint was written"
 
 
+RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)  # how the network runs, not what it is: free to change on resume
+
+
+def without_runtime_keys(model: dict) -> dict:
+    return {key: value for key, value in model.items() if key not in RUNTIME_MODEL_KEYS}
+
+
 def check_resume(cfg: DictConfig) -> dict[str, Any]:
     """A resume checkpoint must exist, be readable and hold the same network as this run; returns it."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    saved_model = checkpoint["config"].get("model", {})
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    saved_model = without_runtime_keys(checkpoint["config"].get("model", {}))
+    model = without_runtime_keys(OmegaConf.to_container(cfg.model, resolve=True))
     if saved_model != model:
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path} holds model {saved_model.get('_target_', '?')} {saved_model}, but this run's model is "
