@@ -11,6 +11,7 @@ from toy_models import TinyNet
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.generate import generate
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.cli import user_error
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
@@ -113,13 +114,26 @@ class NaNBelow(TinyNet):
         return torch.where(t.reshape(-1, 1, 1, 1) < 12, torch.nan, super().forward(x, t, **kwargs))
 
 
+class InfiniteDecoder(torch.nn.Module):
+    """A first stage whose decoder turns finite latents into inf."""
+
+    def encode(self, images, generator=None):
+        return images
+
+    def decode(self, z):
+        return z + torch.inf
+
+
 def test_nonfinite_samples_and_decoded_latents_raise_naming_the_step_and_sampler():
     process = GaussianDiffusion(beta_schedule("linear", 20))
-    sampler = Sampler("ddim", 5)  # t = 19, 14, 10, 5, 0
-    with pytest.raises(NonFiniteError, match=r"sampler ddim\(steps=5.*step 3 of 5 \(t=10\)"):
-        generate(process, NaNBelow(channels=1), sampler, 4, 2, (1, 4, 4), trajectory_samples=1)
+    sampler = Sampler("ddim", 5)  # t = 19, 14, 10, 5, 0: the step from t = 10 (the first NaN) reaches t = 5
+    alpha_bar = process.alphas_cumprod[5]
+    level = float(((1 - alpha_bar) / alpha_bar).sqrt())
+    message = rf"sampler ddim\(steps=5.*step 3 of 5 \(noise level sigma/alpha={level:.4g}\)"
+    with pytest.raises(NonFiniteError, match=message):
+        generate(DiffusionModel(NaNBelow(channels=1), process, (1, 4, 4)), sampler, 4, 2, trajectory_samples=1)
     with pytest.raises(NonFiniteError, match="decoder"):
-        generate(process, TinyNet(channels=1), sampler, 2, 2, (1, 4, 4), decode=lambda z: z + torch.inf)
+        generate(DiffusionModel(TinyNet(channels=1), process, (1, 4, 4), first_stage=InfiniteDecoder()), sampler, 2, 2)
 
 
 def test_sample_py_on_nonfinite_weights_ends_in_one_line_and_writes_nothing(trained_run, tmp_path):
