@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from torch import Tensor
+
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import NonFiniteError
@@ -17,6 +19,24 @@ class Generated:
     trajectory: list[np.ndarray] = field(default_factory=list)  # frames of uint8 (k, H, W, C), noise to image
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample `index` under run seed `seed`: one 64-bit word of numpy's SeedSequence([seed,
+    index]), so (seed, i) and (seed', i') never share a stream by arithmetic coincidence."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+class PerSampleNoise:
+    """N(0, I) draws whose row j comes from its own generator, seeded by (seed, indices[j]): EDM's
+    StackedRandomGenerator (NVlabs/edm generate.py), so a sample's noise is the same in any batch or on any rank."""
+
+    def __init__(self, seed: int, indices: range, device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in indices]
+
+    def __call__(self, like: Tensor) -> Tensor:
+        return torch.stack([torch.randn(like.shape[1:], generator=g, device=like.device, dtype=like.dtype)
+                            for g in self.generators])
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionModel,
@@ -27,34 +47,30 @@ def generate(
     class_labels: list[int] | None = None,
     trajectory_samples: int = 0,
     trajectory_frames: int = 40,
-    progress: bool = False,
+    first: int = 0,
     **sample_kwargs,
 ) -> Generated:
-    """`num_samples` images from x ~ N(0, I) at the model's sample shape, batch by batch, reproducible under `seed`
-    (for a given batch size), decoded by the model's first stage (latent diffusion). `class_labels` (cycled over the
-    samples) condition a class-conditional model. The first `trajectory_samples` samples also give about
-    `trajectory_frames` frames of x_t from noise to image (decoded too). An image with NaN or inf raises
-    NonFiniteError naming the first step whose x_t was not finite (recorded on the device: one host sync per batch,
-    not per step)."""
+    """Samples first .. first + num_samples - 1 from x ~ N(0, I) at the model's sample shape, batch by batch; sample i
+    depends only on (seed, i) (`PerSampleNoise` draws its initial and its sampler noise), whatever `batch_size` or
+    `first`. Decoded by the model's first stage (latent diffusion). `class_labels` (sample i gets
+    class_labels[i % len]) condition a class-conditional model. The first `trajectory_samples` samples of the first
+    batch also give about `trajectory_frames` frames of x_t from noise to image (decoded too). An image with NaN or
+    inf raises NonFiniteError naming the first step whose x_t was not finite (recorded on the device: one host sync
+    per batch, not per step)."""
     device = next(model.net.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
     was_training = model.training
     model.eval()
     try:
         batches, frames = [], []
-        starts = range(0, num_samples, batch_size)
-        if progress:
-            from rich.progress import track
-
-            starts = track(starts, description=f"sampling {num_samples} with {sampler}")
-        for start in starts:
-            n = min(batch_size, num_samples - start)
-            noise = torch.randn((n, *model.sample_shape), generator=generator, device=device)
+        for start in range(first, first + num_samples, batch_size):
+            n = min(batch_size, first + num_samples - start)
+            noise_sampler = PerSampleNoise(seed, range(start, start + n), device)
+            noise = noise_sampler(torch.empty((n, *model.sample_shape), device=device))
             kwargs = dict(sample_kwargs)
             if class_labels:
                 labels = [class_labels[(start + i) % len(class_labels)] for i in range(n)]
                 kwargs["class_labels"] = torch.tensor(labels, device=device)
-            k = min(trajectory_samples, n) if start == 0 else 0
+            k = min(trajectory_samples, n) if start == first else 0
             every = max(1, sampler.steps // trajectory_frames)
             if k:
                 frames.append(to_uint8(model.decode(noise[:k])))
@@ -65,7 +81,7 @@ def generate(
                 if k and ((state["i"] + 1) % every == 0 or state["i"] == sampler.steps - 1):
                     frames.append(to_uint8(model.decode(state["x"][:k].to(noise.dtype))))
 
-            x0 = model.sample(noise, sampler, callback=callback, generator=generator, **kwargs)
+            x0 = model.sample(noise, sampler, callback=callback, noise_sampler=noise_sampler, **kwargs)
             images = model.decode(x0)
             if not images.isfinite().all():
                 raise NonFiniteError(nonfinite_message(sampler, history, x0, model.latent, start, n))

@@ -77,17 +77,20 @@ class DiffusionModel(nn.Module):
         clip_denoised: bool | None = None,
         guidance_scale: float = 1.0,
         class_labels: Tensor | None = None,
+        noise_sampler: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """x_0 (float32, in the process's space: latents for latent diffusion) from noise ~ N(0, I) by the sampler
         over a fresh denoiser, started at x = sqrt(alpha^2 + sigma^2) noise of the grid's first point (the marginal
         std for data of unit variance: 1 for DDPM and flow matching, sqrt(1 + sigma_max^2) for EDM, as diffusers'
         init_noise_sigma); clamped to [-1, 1] when clip_denoised (None: the process's `clip_x0`; never for latents,
-        which are not confined to [-1, 1])."""
+        which are not confined to [-1, 1]). noise_sampler(like): the stochastic samplers' N(0, I) draws (default: from
+        `generator`)."""
         if self.latent:
             clip_denoised = False
         clip = self.process.clip_x0 if clip_denoised is None else clip_denoised
         alphas, sigmas = self.sampling_grid(sampler)
         denoiser = self.denoiser(clip, guidance_scale, class_labels)
         x_T = noise.to(torch.float64) * vp_norm(alphas[0], sigmas[0]).to(noise.device)
-        x0 = sampler(denoiser, x_T, alphas, sigmas, callback=callback, generator=generator).float()
+        x0 = sampler(denoiser, x_T, alphas, sigmas, callback=callback, generator=generator,
+                     noise_sampler=noise_sampler).float()
         return x0.clamp(-1, 1) if clip else x0

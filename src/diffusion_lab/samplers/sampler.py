@@ -51,9 +51,11 @@ class Sampler:
         sigmas: Tensor,
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
+        noise_sampler: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """x_0 from x = noise at the first point of the grid (alphas, sigmas); float64 throughout the sampler's own
-        arithmetic."""
+        arithmetic. noise_sampler(like): the N(0, I) draws of a stochastic sampler (default: torch.randn from
+        `generator`; generate.py passes per-sample draws)."""
         x = noise.to(torch.float64)
         alphas, sigmas = alphas.to(x.device, torch.float64), sigmas.to(x.device, torch.float64)
         self.evaluations_used = 0
@@ -62,11 +64,12 @@ class Sampler:
             self.evaluations_used += 1
             return denoiser(x, alpha, sigma)
 
-        def noise_sampler(like: Tensor) -> Tensor:
+        def from_generator(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
         return SAMPLERS[self.algorithm](
-            counted, x, alphas, sigmas, callback=callback, noise_sampler=noise_sampler, **self.options
+            counted, x, alphas, sigmas, callback=callback, noise_sampler=noise_sampler or from_generator,
+            **self.options
         )
 
     def __repr__(self) -> str:
