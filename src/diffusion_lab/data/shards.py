@@ -63,7 +63,9 @@ class ImageShards(StreamingDataset):
 
     def __init__(self, input_dir: str, size: int, image_shape: tuple[int, int, int], cache_dir: str | None = None,
                  shuffle: bool = False, seed: int = 0):
-        super().__init__(input_dir, cache_dir=cache_dir, shuffle=shuffle, seed=seed, item_shuffle_window="full")
+        # a full in-chunk shuffle reads samples one by one: batch_decode=0, or each read decodes a 256-sample window
+        super().__init__(input_dir, cache_dir=cache_dir, shuffle=shuffle, seed=seed, item_shuffle_window="full",
+                         batch_decode=0)
         self.size, self.image_shape = size, image_shape
 
     def __getitem__(self, index) -> tuple[Tensor, Tensor]:
@@ -109,10 +111,9 @@ class ShardsDataModule(ImageDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         cache_dir: str | None = None,
-        dataset: str = "shards",
     ):
         self.meta = read_meta(root)
-        super().__init__(dataset, root, image_size, channels, batch_size, num_workers, random_flip,
+        super().__init__("shards", root, image_size, channels, batch_size, num_workers, random_flip,
                          self.meta["splits"]["val"], num_classes, conditional, seed, pin_memory)
         shape = (channels, image_size, image_size)
         if tuple(self.meta["image_shape"]) != shape:
