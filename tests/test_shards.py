@@ -14,11 +14,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning import Callback
 
-from diffusion_lab.data import datasets
+from diffusion_lab.data import datasets, image_datamodule
 from diffusion_lab.data.image_datamodule import ImageDataModule, ImageFileDataset, UInt8ImageDataset, held_out
 from diffusion_lab.data.prepare import CONFIGS, prepare
 from diffusion_lab.data.shards import META_FILE, ShardsDataModule
 from diffusion_lab.utils.errors import ConfigError
+from test_data import idx_pair
 from test_errors import assert_one_line_error
 from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import ROOT, TRAIN_STEPS_PER_EPOCH, image_folder, run_train, tiny_overrides
@@ -80,6 +81,19 @@ def test_a_url_root_reads_the_same_shards_through_litdatas_downloader(shards, tm
     assert torch.equal(remote.val_set.labels, local.val_set.labels)
 
 
+def test_an_array_data_set_is_resized_and_keeps_its_own_test_split(tmp_path):
+    idx_pair(tmp_path / "raw", 20, train=True, gz=False)
+    test_images, test_labels = idx_pair(tmp_path / "raw", 6, train=False, gz=False, seed=1)
+    prepare(prepare_config(["data=fashion_mnist", f"data.root={tmp_path / 'raw'}", "data.image_size=16",
+                            "data.val_size=4", f"out={tmp_path / 'out'}", "num_workers=1"]))
+    data = ShardsDataModule(str(tmp_path / "out"), image_size=16, channels=1)
+    data.setup()
+    assert data.meta["splits"] == {"train": 16, "val": 4, "test": 6}
+    expected = datasets.resize_crop(torch.from_numpy(test_images).unsqueeze(1).to(torch.uint8), 16)
+    assert torch.equal(data.test_set.images, expected)
+    assert data.test_set.labels.tolist() == test_labels.tolist()
+
+
 def test_a_stopped_prepare_goes_on_from_its_last_chunk(folder, shards, tmp_path):
     source = shutil.copytree(folder, tmp_path / "images")
     _, train = held_out(40, 8)
@@ -117,6 +131,17 @@ def test_bad_shards_are_one_clear_error(shards, tmp_path):
             ShardsDataModule(str(tmp_path / name), image_size=8, channels=1)
     with pytest.raises(ConfigError, match="holds 8x8x1 images, but data.image_size=16"):
         ShardsDataModule(str(shards), image_size=16, channels=1)
+
+
+def test_a_split_too_large_to_hold_decoded_is_one_clear_error(folder, shards, monkeypatch):
+    monkeypatch.setattr(image_datamodule, "DECODE_LIMIT_BYTES", 1000)  # 8 images of 8x8 fit, 32 do not
+    lazy = ImageDataModule("folder", str(folder), 8, 1, val_size=8, in_memory_limit_mb=0)
+    streamed = ShardsDataModule(str(shards), image_size=8, channels=1)
+    for data in (lazy, streamed):
+        data.setup("fit")
+        assert len(data.val_set.images) == 8
+        with pytest.raises(ConfigError, match="a split of 32 images .* compare against metrics.real_split=val"):
+            data.train_set.images
 
 
 def test_mixed_image_sizes_with_no_resize_are_one_line_from_the_cli(tmp_path):

@@ -71,11 +71,9 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def image(self, index: int) -> Tensor:
-        return datasets.load_image(self.files[index], self.image_size, self.channels)
-
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.image(index).float() / 127.5 - 1, self.labels[index]
+        image = datasets.load_image(self.files[index], self.image_size, self.channels)
+        return image.float() / 127.5 - 1, self.labels[index]
 
     def subset(self, indices: Tensor) -> "ImageFileDataset":
         return ImageFileDataset([self.files[i] for i in indices.tolist()], self.labels[indices], self.image_size,

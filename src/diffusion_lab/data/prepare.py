@@ -17,14 +17,13 @@ import json
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import hydra
 import litdata
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from diffusion_lab.data import datasets
@@ -133,10 +132,10 @@ def children() -> set[int]:
 
 def optimize(**kwargs) -> None:
     """`litdata.optimize`, cleaning up after it. When a worker fails, litdata (0.2.76) kills it but not the file
-    remover process it started, which then waits on its queue for ever; as this process's child subreaper (Linux)
-    it becomes our child here and is killed. litdata also leaves its SIGINT handler installed: restored."""
+    remover process it started, which then waits on its queue for ever; with this process as child subreaper
+    (Linux) it becomes our child and is killed here. litdata also leaves its SIGINT handler installed: restored."""
     previous = signal.getsignal(signal.SIGINT)
-    linux = sys.platform == "linux"
+    linux = Path(f"/proc/self/task/{os.getpid()}/children").is_file()
     if linux:
         ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         before = children()
@@ -190,7 +189,6 @@ def prepare(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="prepare")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    OmegaConf.resolve(cfg.data)
     prepare(cfg)
 
 
