@@ -66,17 +66,22 @@ def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
 
 def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
     """The model object of a config: process, backbone, first stage, sample shape, classes. Latent diffusion loads
-    the first stage's weights from `cfg.first_stage_ckpt` when `trained_first_stage` (training); sampling from a
-    checkpoint builds it untrained and loads the whole model's weights from the checkpoint."""
+    the first stage's weights, when `trained_first_stage` (training), from `cfg.first_stage_ckpt` (the project's
+    autoencoder) or `cfg.first_stage.path` (a diffusers VAE); sampling from a checkpoint builds it untrained and
+    loads the whole model's weights from the checkpoint."""
     process = build_process(cfg)
     net = build_net(cfg, process)
     first_stage = None
     if cfg.get("first_stage"):
-        if trained_first_stage:
+        if trained_first_stage and cfg["first_stage"].get("path"):  # a pretrained diffusers VAE by path
+            first_stage = autoencoder_module.build_first_stage(cfg["first_stage"])
+            first_stage.autoencoder.load_pretrained(cfg["first_stage"]["path"])
+        elif trained_first_stage:
             first_stage = autoencoder_module.load_first_stage(cfg["first_stage_ckpt"])
-            check_first_stage_data(first_stage, cfg)
         else:
             first_stage = autoencoder_module.build_first_stage(cfg["first_stage"])
+        if trained_first_stage:
+            check_first_stage_data(first_stage, cfg)
     return DiffusionModel(net, process, backbone_shape(cfg), first_stage, num_classes(cfg))
 
 
@@ -85,7 +90,7 @@ def check_first_stage_data(first_stage: nn.Module, cfg: Any) -> None:
     data, autoencoder = cfg["data"], first_stage.autoencoder
     if (data["channels"], data["image_size"]) != (autoencoder.channels, autoencoder.image_size):
         raise ConfigError(
-            f"first_stage_ckpt={cfg['first_stage_ckpt']} encodes {autoencoder.image_size}x{autoencoder.image_size}x"
+            f"the first stage ({cfg.get('first_stage_ckpt') or cfg['first_stage'].get('path')}) encodes {autoencoder.image_size}x{autoencoder.image_size}x"
             f"{autoencoder.channels} images, but data={data.get('dataset', '?')} has {data['image_size']}x"
             f"{data['image_size']}x{data['channels']}; use an autoencoder trained on this data set"
         )

@@ -152,7 +152,7 @@ def first_stage_config(checkpoint: dict) -> dict:
 def build_first_stage(first_stage: dict, state_dict: dict[str, Tensor] | None = None) -> FirstStage:
     """The frozen `FirstStage` of a `first_stage` config (see `first_stage_config`), with the autoencoder weights
     of `state_dict` when given."""
-    autoencoder = instantiate(first_stage["model"])
+    autoencoder = instantiate(first_stage["model"], _convert_="all")
     if state_dict is not None:
         autoencoder.load_state_dict(state_dict)
     return FirstStage(autoencoder, first_stage["scale_factor"])

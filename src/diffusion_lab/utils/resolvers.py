@@ -25,6 +25,14 @@ def first_stage(path: str) -> dict:
     return first_stage_config(load_autoencoder_checkpoint(path))
 
 
+def diffusers_vae(path: str, image_size: int) -> dict:
+    """`${diffusers_vae:DIR,IMAGE_SIZE}`: the first-stage config of a diffusers AutoencoderKL saved at DIR
+    (models/components/diffusers_vae.py)."""
+    from diffusion_lab.models.components.diffusers_vae import first_stage_config
+
+    return first_stage_config(path, image_size)
+
+
 def scale_beta(beta: float, timesteps: int) -> float:
     """`${scale_beta:BETA,T}` = min(BETA * 1000 / T, 0.999): Ho et al.'s betas (1e-4..0.02) are for T = 1000; scaled
     so, alpha_bar_T stays near 0 at any T (Nichol & Dhariwal 2021, improved-diffusion `get_named_beta_schedule`;
@@ -41,3 +49,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
     if not OmegaConf.has_resolver("first_stage"):
         OmegaConf.register_new_resolver("first_stage", first_stage, use_cache=True)
+    if not OmegaConf.has_resolver("diffusers_vae"):
+        OmegaConf.register_new_resolver("diffusers_vae", diffusers_vae, use_cache=True)
