@@ -6,22 +6,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import compose_train
+from conftest import compose_train, run_script
+from test_pipeline import compose_sample
+from diffusion_lab import sample as sample_module
 from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
+from diffusion_lab.sample import sample
 from diffusion_lab.samplers import Sampler
+from diffusion_lab.utils.errors import ConfigError
 from tiny_run import image_folder
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """The default model shrunk to 8x8 grayscale, randomly initialised (bit equality needs no training)."""
+def tiny(tmp_path_factory):
+    """The default model shrunk to 8x8 grayscale, randomly initialised (bit equality needs no training), and a
+    checkpoint of it as train.py writes one (format 2: the model object's weights under `model.`)."""
     root = tmp_path_factory.mktemp("tiny")
     cfg = compose_train(["data=folder", f"data.root={image_folder(root / 'images')}", "data.image_size=8",
-                         "data.channels=1"], root / "run")
+                         "data.channels=1", "sampler=ddim", "sampler.steps=3", "sampler.eta=1.0"], root / "run")
     torch.manual_seed(0)
-    return build_model(cfg, trained_first_stage=False).eval()
+    model = build_model(cfg, trained_first_stage=False).eval()
+    ckpt = root / "tiny.ckpt"
+    torch.save({"config": OmegaConf.to_container(cfg, resolve=True), "format_version": 2, "global_step": 0,
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    return model, ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return tiny[0]
 
 
 @pytest.mark.parametrize("sampler", [Sampler("ddpm", 6), Sampler("ddim", 3, eta=1.0)], ids=str)
@@ -32,3 +47,48 @@ def test_a_sample_depends_only_on_seed_and_index(tiny_model, sampler, one_thread
     assert np.array_equal(generate(tiny_model, sampler, 3, 2, seed=1, first=4).samples, by_3[4:])  # ... or offset
     assert not np.array_equal(generate(tiny_model, sampler, 7, 7, seed=2).samples, by_3)
     assert len({by_3[i].tobytes() for i in range(7)}) == 7  # every index its own noise
+
+
+def samples_of(output_dir: Path) -> np.ndarray:
+    return np.load(output_dir / "samples.npz")["arr_0"]
+
+
+@pytest.mark.slow  # two processes on a 2-core CPU: about 90 s
+def test_two_processes_write_the_file_of_one_with_exactly_n_samples(tiny, tmp_path):
+    model, ckpt = tiny
+    common = [f"ckpt_path={ckpt}", "num_samples=5", "trajectory_samples=1", "seed=3"]
+    result = run_script("sample.py", [*common, "batch_size=2", "chunk_size=3", "trainer=ddp", "trainer.accelerator=cpu",
+                             "trainer.devices=2", f"output_dir={tmp_path / 'two'}"])
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # Lightning started two ranks
+    two = samples_of(tmp_path / "two")
+    assert two.shape == (5, 8, 8, 1)  # 5 does not divide over 2 ranks, nor chunks of 3 over them
+    one = samples_of(Path(sample(compose_sample([*common, "batch_size=5", "device=cpu",
+                                                 f"output_dir={tmp_path / 'one'}"]))["samples"]).parent)
+    assert np.array_equal(two, one)
+    assert np.array_equal(one, generate(model, Sampler("ddim", 3, eta=1.0), 5, 4, seed=3).samples)
+    assert not (tmp_path / "two" / "chunks").exists() and (tmp_path / "two" / "trajectory.gif").is_file()
+
+
+def test_a_run_stopped_after_some_chunks_resumes_to_the_same_file(tiny, tmp_path, monkeypatch, one_thread):
+    _, ckpt = tiny
+    common = [f"ckpt_path={ckpt}", "num_samples=5", "batch_size=2", "chunk_size=2", "device=cpu", "trajectory_samples=1"]
+    whole = samples_of(sample(compose_sample([*common, f"output_dir={tmp_path / 'whole'}"]))["samples"].parent)
+    calls = []
+
+    def stop_at_the_second_chunk(*args, **kwargs):
+        calls.append(kwargs["first"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while drawing samples 2..3
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(sample_module, "generate", stop_at_the_second_chunk)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        sample(compose_sample([*common, f"output_dir={stopped}"]))
+    assert sorted(p.name for p in (stopped / "chunks").glob("*.npy")) == ["00000000.npy"]
+    with pytest.raises(ConfigError, match="other seed"):  # other arguments never mix with these chunks
+        sample(compose_sample([*common, "seed=1", f"output_dir={stopped}"]))
+    calls.clear()
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **k: calls.append(k["first"]) or generate(*a, **k))
+    assert np.array_equal(samples_of(sample(compose_sample([*common, f"output_dir={stopped}"]))["samples"].parent), whole)
+    assert calls == [2, 4]  # only the chunks not yet written were drawn

@@ -1,11 +1,18 @@
-"""`sample(cfg)`: samples from a checkpoint alone: samples.npz, grid.png, trajectory.gif (and figures)."""
+"""`sample(cfg)`: samples from a checkpoint alone: samples.npz, grid.png, trajectory.gif (and figures), on one or
+several devices (Lightning Fabric), sample i depending only on (seed, i) (see `generate`), written chunk by chunk
+under output_dir/chunks/ so that a restart with the same arguments continues where it stopped."""
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
 
 from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
@@ -13,7 +20,8 @@ from diffusion_lab.metrics.evaluate import needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
-from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.errors import ConfigError, NonFiniteError
+from diffusion_lab.utils.io import atomic_path
 from diffusion_lab.utils.media import forward_noising_figure, save_gif, save_grid, save_samples
 
 FIGURES = ("forward",)
@@ -50,9 +58,45 @@ def load_model(checkpoint: dict, weights: str, device: torch.device) -> Diffusio
     return model.to(device).eval()
 
 
+def launch(cfg: DictConfig) -> Fabric:
+    """One process per device through Lightning Fabric: over `trainer=` (its accelerator, devices, num_nodes and
+    strategy, e.g. trainer=ddp trainer.devices=8) when chosen, else one process on `device`."""
+    trainer = cfg.get("trainer")
+    if trainer is None:
+        device = resolve_device(cfg.device)
+        fabric = Fabric(accelerator=device.type, devices=[device.index] if device.index is not None else 1)
+    else:
+        fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.get("num_nodes", 1),
+                        strategy=trainer.get("strategy", "auto"))
+    fabric.launch()
+    return fabric
+
+
+def chunks_done(chunk_dir: Path, record: dict, num_samples: int, chunk_size: int) -> set[int]:
+    """Starts of the finished chunks under `chunk_dir` (each `<start>.npy`, samples start .. start + chunk_size - 1,
+    or fewer at the end) of a run with the same `record`; a new chunk dir records it. ConfigError when the dir holds
+    chunks of other arguments."""
+    record_path = chunk_dir / "run.json"
+    if not record_path.is_file():
+        with atomic_path(record_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        return set()
+    saved = json.loads(record_path.read_text())
+    if saved != record:
+        changed = sorted(key for key in {*saved, *record} if saved.get(key) != record.get(key))
+        raise ConfigError(f"{chunk_dir} holds chunks of a run with other {', '.join(changed)}; delete it or choose "
+                          "another output_dir")
+    done = set()
+    for path in chunk_dir.glob("*.npy"):
+        start = int(path.stem)
+        if start % chunk_size == 0 and len(np.load(path, mmap_mode="r")) == min(chunk_size, num_samples - start):
+            done.add(start)
+    return done
+
+
 def sample(cfg: DictConfig) -> dict[str, Path]:
-    """Writes the sample files into cfg.output_dir; returns their paths."""
-    for key in ("num_samples", "batch_size", "trajectory_samples", "grid_size"):
+    """Writes the sample files into cfg.output_dir; returns their paths (on global rank 0; other ranks: {})."""
+    for key in ("num_samples", "batch_size", "trajectory_samples", "grid_size", "chunk_size"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} must be an integer >= 1")
     bad = [f for f in cfg.figures if f not in FIGURES]
@@ -60,7 +104,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         raise ConfigError(f"figures={list(cfg.figures)}: unknown {bad}; allowed: {', '.join(FIGURES)}")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     config = checkpoint["config"]
-    device = resolve_device(cfg.device)
+    fabric = launch(cfg)
+    device = fabric.device
     model = load_model(checkpoint, cfg.weights, device)
     sampler = instantiate(sampler_config(config, cfg.sampler))
     sampler.check(*model.sampling_grid(sampler))
@@ -84,16 +129,57 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     if options and "nll" in options:
         check_bound(model)  # before any sampling
     if options and not needs_samples(options):  # metrics=[nll]: the bound needs no sampling
+        if fabric.global_rank:
+            return {}
         return {"metrics": write_scores(options, Path(cfg.output_dir), model, None, data, sampler, cfg.seed,
                                         device, cfg.ckpt_path)}
 
-    out = generate(model, sampler, cfg.num_samples, cfg.batch_size, seed=cfg.seed, class_labels=labels,
-                   trajectory_samples=cfg.trajectory_samples, progress=True, **kwargs)
     output_dir = Path(cfg.output_dir)
     paths = {"samples": output_dir / "samples.npz", "grid": output_dir / "grid.png", "trajectory": output_dir / "trajectory.gif"}
-    save_samples(out.samples, paths["samples"])
-    save_grid(out.samples[: cfg.grid_size], paths["grid"])
-    save_gif(out.trajectory, paths["trajectory"])
+    record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "global_step": checkpoint.get("global_step"),
+              "weights": cfg.weights, "sampler": str(sampler), "seed": cfg.seed, "class_labels": labels,
+              "guidance_scale": cfg.guidance_scale, "clip_denoised": cfg.clip_denoised, "chunk_size": cfg.chunk_size}
+    chunk_dir = output_dir / "chunks"
+    try:
+        found = (chunks_done(chunk_dir, record, cfg.num_samples, cfg.chunk_size), None) if fabric.global_rank == 0 else None
+    except ConfigError as error:
+        found = (set(), str(error))
+    done, problem = fabric.broadcast(found, src=0)
+    if problem:
+        raise ConfigError(problem)
+    image_shape = (data["image_size"], data["image_size"], data["channels"])
+    starts = range(0, cfg.num_samples, cfg.chunk_size)
+    with Progress(disable=fabric.global_rank != 0) as progress:
+        task = progress.add_task(f"sampling {cfg.num_samples} with {sampler} on {fabric.world_size} process(es)",
+                                 total=cfg.num_samples, completed=sum(min(cfg.chunk_size, cfg.num_samples - s) for s in done))
+        for start in (s for s in starts if s not in done):
+            size = min(cfg.chunk_size, cfg.num_samples - start)
+            share = -(-size // fabric.world_size)  # rank r draws start + r * share .., the last rank maybe fewer
+            first = start + fabric.global_rank * share
+            count = max(0, min(share, start + size - first))
+            images, failure, out = np.zeros((share, *image_shape), np.uint8), None, None
+            try:
+                if count:
+                    out = generate(model, sampler, count, cfg.batch_size, seed=cfg.seed, class_labels=labels,
+                                   trajectory_samples=cfg.trajectory_samples if first == 0 else 0, first=first, **kwargs)
+                    images[:count] = out.samples
+            except NonFiniteError as error:
+                failure = str(error)
+            if fabric.all_gather(torch.tensor(failure is not None, device=device)).any():
+                raise NonFiniteError(failure or "another rank's samples were NaN or inf; no samples written")
+            chunk = fabric.all_gather(torch.from_numpy(images).to(device)).reshape(-1, *image_shape)[:size].cpu().numpy()
+            if fabric.global_rank == 0:
+                with atomic_path(chunk_dir / f"{start:08d}.npy") as tmp:
+                    np.save(tmp, chunk)
+                if first == 0:
+                    save_gif(out.trajectory, paths["trajectory"])
+            progress.advance(task, size)
+    if fabric.global_rank:
+        return {}
+    samples = np.concatenate([np.load(chunk_dir / f"{start:08d}.npy") for start in starts])
+    save_samples(samples, paths["samples"])
+    shutil.rmtree(chunk_dir)
+    save_grid(samples[: cfg.grid_size], paths["grid"])
     if "forward" in cfg.figures:
         paths["forward"] = output_dir / "forward.png"
         datamodule = instantiate(data)
@@ -102,6 +188,6 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         forward_noising_figure(alphas.flip(0), sigmas.flip(0), images[:4].float() / 127.5 - 1, paths["forward"],
                                seed=cfg.seed)
     if options:
-        paths["metrics"] = write_scores(options, output_dir, model, out.samples, data, sampler, cfg.seed, device,
+        paths["metrics"] = write_scores(options, output_dir, model, samples, data, sampler, cfg.seed, device,
                                         cfg.ckpt_path)
     return paths
