@@ -11,6 +11,8 @@ from tiny_run import image_folder, tiny_overrides
 from toy_models import gaussian_denoiser, gaussian_ode_solution
 
 from diffusion_lab.diffusion.consistency import Consistency, heun_step
+from diffusion_lab.diffusion.flow_matching import FlowMatching
+from diffusion_lab.diffusion.reflow import coupled_losses, straightness
 from diffusion_lab.sample import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import DenoiserOutput
@@ -20,16 +22,18 @@ MEAN, STD = 0.3, 0.5
 
 
 class PixelMLP(nn.Module):
-    """F(x, t) applied to each pixel alone: a 1x1-conv MLP of (x, t), enough for the per-pixel flows of Gaussian data."""
+    """F(x, t) applied to each pixel alone: a 1x1-conv MLP of (x, t / time_scale), enough for the per-pixel flows of
+    Gaussian data."""
 
-    def __init__(self, width: int = 32, seed: int = 0):
+    def __init__(self, width: int = 32, seed: int = 0, time_scale: float = 1.0):
         super().__init__()
         torch.manual_seed(seed)
+        self.time_scale = time_scale
         self.body = nn.Sequential(nn.Conv2d(2, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(),
                                   nn.Conv2d(width, 1, 1))
 
     def forward(self, x, t):
-        return self.body(torch.cat([x, t.to(x.dtype).reshape(-1, 1, 1, 1).expand_as(x)], 1))
+        return self.body(torch.cat([x, (t.to(x.dtype) / self.time_scale).reshape(-1, 1, 1, 1).expand_as(x)], 1))
 
 
 def toy_data(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -147,3 +151,46 @@ def test_consistency_distillation_bad_teacher_is_one_config_error_line(teachers,
     with pytest.raises(ConfigError, match=message) as error:
         run(tiny("consistency_distillation", images, tmp_path / "bad") + extra)
     assert "\n" not in str(error.value)
+
+
+def test_reflow_lowers_the_straightness_of_the_exact_flow(one_thread):
+    """Reflow on pairs (eps, ODE(eps)) of the exact rectified flow of N(MEAN, STD^2): the student's straightness S
+    (Liu et al. 2023, Def. 2.5) falls far below the teacher's, and one Euler step lands near the teacher's ODE output."""
+    process = FlowMatching(time_sampling="uniform")
+    teacher = gaussian_denoiser(MEAN, STD)
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(4096, 1, 4, 4, generator=generator)
+    alphas, sigmas = process.sampling_grid(50)
+    samples = Sampler("heun", 50, "uniform")(teacher, noise.double(), alphas, sigmas).float()
+    net = PixelMLP(seed=0, time_scale=process.time_scale)
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(300):
+        index = torch.randint(0, len(noise), (128,), generator=generator)
+        loss, _ = coupled_losses(process, net, samples[index], noise[index], generator)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    probe = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    s_teacher, s_student = straightness(teacher, probe), straightness(process.denoiser(net), probe)
+    one_step = Sampler("euler", 1, "uniform")(process.denoiser(net), probe, *process.sampling_grid(1))
+    ode = Sampler("heun", 50, "uniform")(teacher, probe, alphas, sigmas)
+    print(f"straightness: teacher {s_teacher:.4f}, reflow student {s_student:.4f}; one-step |x - ODE(eps)| "
+          f"{(one_step - ode).abs().mean():.4f}")
+    assert s_student < s_teacher / 10
+    assert (one_step - ode).abs().mean() < 0.1 and max(moment_errors(one_step)) < 0.1
+
+
+def test_reflow_runs_caches_its_pairs_and_its_checkpoint_samples(teachers, tmp_path, one_thread):
+    images, paths = teachers
+    args = tiny("reflow", images, tmp_path / "rf", 3) + [f"teacher_ckpt={paths['flow']}", "module.num_pairs=12",
+                                                          "module.shard_size=8", "module.teacher_sampler.steps=2"]
+    run(args)
+    shards = sorted((tmp_path / "rf" / "reflow_pairs").glob("shard_*.pt"))
+    assert [s.name for s in shards] == ["shard_00000.pt", "shard_00001.pt"]
+    first = torch.load(shards[0], weights_only=True)
+    assert first["noise"].shape == first["samples"].shape == (8, 1, 8, 8)
+    model = load_model(last_checkpoint(tmp_path / "rf"), "ema", torch.device("cpu"))
+    x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), Sampler("euler", 1, "uniform"))
+    assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
+    with pytest.raises(ConfigError, match="is a edm checkpoint; experiment=reflow distils a flow_matching teacher"):
+        run(tiny("reflow", images, tmp_path / "bad") + [f"teacher_ckpt={paths['edm']}"])
