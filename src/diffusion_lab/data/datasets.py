@@ -162,8 +162,8 @@ def decode_files(files: list[str], image_size: int | None, channels: int, num_wo
     return torch.cat(list(batches))
 
 
-def image_folder(root: str, train: bool, image_size: int, channels: int, num_workers: int = 0) -> tuple[Tensor, Tensor]:
+def image_folder(root: str, train: bool, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
     """Any folder of images (see `folder_files`), every file decoded up front. The same images serve train and
     test: hold out a validation split for scores."""
     files, labels, _ = folder_files(root)
-    return decode_files(files, image_size, channels, num_workers), labels
+    return decode_files(files, image_size, channels), labels
