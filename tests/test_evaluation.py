@@ -1,18 +1,23 @@
 """Evaluation at paper standard: seed-exact generation (sample i depends only on (seed, i)), sampling over several
 processes with chunked, resumable writes, shipped classifier weights and scoring any samples.npz."""
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from conftest import compose_train, run_script
 from test_pipeline import compose_sample
 from diffusion_lab import sample as sample_module
 from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
+from diffusion_lab.metrics.__main__ import main as metrics_main
+from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
+from diffusion_lab.metrics.scores import FeatureInput
 from diffusion_lab.sample import sample
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
@@ -92,3 +97,44 @@ def test_a_run_stopped_after_some_chunks_resumes_to_the_same_file(tiny, tmp_path
     monkeypatch.setattr(sample_module, "generate", lambda *a, **k: calls.append(k["first"]) or generate(*a, **k))
     assert np.array_equal(samples_of(sample(compose_sample([*common, f"output_dir={stopped}"]))["samples"].parent), whole)
     assert calls == [2, 4]  # only the chunks not yet written were drawn
+
+
+def fashion_mnist_args(tmp_path: Path) -> list[str]:
+    return ["data=fashion_mnist", f"metrics.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
+
+
+def test_the_frechet_distance_of_statistics_is_torchmetrics_fid_of_the_features():
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(400, 8, generator=generator), 0.8 * torch.randn(300, 8, generator=generator) + 0.3
+    fid = FrechetInceptionDistance(feature=FeatureInput(8))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    ours = frechet_distance(*feature_stats(fake), *feature_stats(real))
+    assert ours == pytest.approx(float(fid.compute()), rel=1e-6)
+
+
+def test_a_reference_file_of_another_extractor_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "ref.npz"
+    write_stats(path, torch.randn(20, 4), "classifier", "0123456789abcdef")
+    stats = np.load(path)
+    assert stats["mu"].shape == (4,) and stats["sigma"].shape == (4, 4) and stats["sigma"].dtype == np.float64
+    assert read_stats(path, "classifier", "0123456789abcdef")[0].shape == (4,)
+    with pytest.raises(ConfigError, match="extractor classifier .weights 0123456789abcdef.*not of classifier"):
+        read_stats(path, "classifier", "fedcba9876543210")
+    np.savez(tmp_path / "evaluator.npz", mu=np.zeros(4), sigma=np.eye(4))  # a reference evaluator's: Inception
+    with pytest.raises(ConfigError, match="extractor inception"):
+        read_stats(tmp_path / "evaluator.npz", "classifier", "0123456789abcdef")
+
+
+@pytest.mark.parametrize("samples, message", [
+    (np.zeros((3, 8, 8, 1), np.uint8), r"is uint8 \(3, 8, 8, 1\); data=fashion_mnist needs uint8 \(N, 28, 28, 1\)"),
+    (np.zeros((3, 28, 28, 1), np.float32), r"is float32 \(3, 28, 28, 1\)"),
+    (np.zeros((0, 28, 28, 1), np.uint8), r"holds no samples \(num_samples=0\)"),
+])
+def test_samples_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, capsys, samples, message):
+    np.savez(tmp_path / "samples.npz", samples)
+    with pytest.raises(SystemExit) as stop:
+        metrics_main([str(tmp_path / "samples.npz"), *fashion_mnist_args(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err

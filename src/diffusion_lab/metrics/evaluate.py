@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from diffusion_lab.metrics.extractors import build_extractor
+from diffusion_lab.metrics.extractors import build_extractor, shipped_classifier
 from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
@@ -112,6 +112,7 @@ def write_scores(
     if "nll" in options:
         check_bound(model)  # before any sampling or scoring
     images, labels = data_split(data_config, options["real_split"])
+    options = {**options, "classifier_path": options.get("classifier_path") or shipped_classifier(data_config)}
     result: dict[str, Any] = {}
     if needs_samples(options):
         scored = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), images, options, device, seed)

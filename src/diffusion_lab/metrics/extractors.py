@@ -3,17 +3,21 @@
 - `inception`: the 2048-d pool features of the FID Inception-v3 (Heusel et al. 2017), torch-fidelity's port of
   the TensorFlow graph as torchmetrics uses it; grayscale is repeated to 3 channels.
 - `classifier`: the penultimate pre-activation features of the project's own classifier trained on the data
-  set (`python train.py experiment=feature_classifier`), for scoring with no download.
+  set (`python train.py experiment=feature_classifier`), for scoring with no download; the package ships one for
+  Fashion-MNIST (metrics/weights/README.md), the default where no `classifier_path` is given.
 """
 
 import hashlib
 from pathlib import Path
+from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from diffusion_lab.utils.errors import ConfigError
 
 EXTRACTORS = ("inception", "classifier")
+SHIPPED_CLASSIFIERS = {"fashion_mnist": Path(__file__).parent / "weights" / "fashion_mnist_classifier.pt"}  # at 28x28x1
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
@@ -66,8 +70,9 @@ class ClassifierFeatures(nn.Module):
 
         if checkpoint_path is None:
             raise ConfigError(
-                "metrics.classifier_path=null; train a classifier with `python train.py experiment=feature_classifier "
-                "data=<data set>` and pass its checkpoint"
+                f"metrics.classifier_path=null and no classifier ships for this data set (shipped: "
+                f"{', '.join(SHIPPED_CLASSIFIERS)} at 28x28); train one with `python train.py "
+                "experiment=feature_classifier data=<data set>` and pass its checkpoint"
             )
         checkpoint = load_checkpoint(checkpoint_path, key="metrics.classifier_path")
         if "feature_classifier" not in checkpoint:
@@ -84,6 +89,22 @@ class ClassifierFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net.features(images.float() / 127.5 - 1)
+
+
+def shipped_classifier(data_config: Mapping) -> str | None:
+    """The shipped classifier weights of a data config's data set at its native 28x28 grayscale, else None."""
+    path = SHIPPED_CLASSIFIERS.get(data_config.get("dataset"))
+    native = data_config.get("image_size") == 28 and data_config.get("channels") == 1
+    return str(path) if path is not None and native else None
+
+
+def ship_classifier(checkpoint_path: str, out_path: str, command: str) -> None:
+    """What `ClassifierFeatures` reads of a feature_classifier checkpoint (the net's weights and arguments, its test
+    accuracy, the training command), as a small weights_only-loadable file."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    state = {name: value for name, value in checkpoint["state_dict"].items() if name.startswith("net.")}
+    torch.save({"config": {"command": command, "data": checkpoint["config"]["data"]["dataset"]}, "state_dict": state,
+                "feature_classifier": checkpoint["feature_classifier"]}, out_path)
 
 
 def build_extractor(extractor: str, weights_path: str | None = None, classifier_path: str | None = None) -> nn.Module:

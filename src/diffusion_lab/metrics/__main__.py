@@ -1,0 +1,89 @@
+"""Score any samples.npz: `python -m diffusion_lab.metrics SAMPLES.npz data=NAME [metrics=[fid,kid,prec_recall]]
+[metrics.extractor=...] [ref=STATS.npz | write_ref=STATS.npz] [output=metrics.json]`.
+
+Without `ref` the samples are compared with the data set's real split (metrics.real_split), and `write_ref` saves
+the real split's (mu, sigma); with `ref` the FID is taken against that file's statistics (reference_stats).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.metrics.evaluate import data_split, extractor_from, score_samples
+from diffusion_lab.metrics.extractors import shipped_classifier, weights_hash
+from diffusion_lab.metrics.real_features import extract_features, real_features
+from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
+from diffusion_lab.utils.cli import one_line_errors
+from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.resolvers import register_resolvers
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+OPTIONS = ("ref", "write_ref", "output")
+
+
+def load_samples(path: str | Path, data: DictConfig) -> torch.Tensor:
+    """uint8 (N, C, H, W) of a samples.npz (arr_0: uint8 (N, H, W, C)); ConfigError unless it fits the data set."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{path} does not exist; give a samples.npz (sample.py writes one)")
+    samples = np.load(path)["arr_0"]
+    expected = (data.image_size, data.image_size, data.channels)
+    if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[1:] != expected:
+        raise ConfigError(f"{path}: arr_0 is {samples.dtype} {samples.shape}; data={data.dataset} needs uint8 (N, "
+                          f"{', '.join(map(str, expected))}), pixel values 0..255")
+    if len(samples) < 1:
+        raise ConfigError(f"{path} holds no samples (num_samples=0); score at least 1")
+    return torch.from_numpy(samples).permute(0, 3, 1, 2)
+
+
+def score(samples_path: str, cfg: DictConfig) -> dict:
+    """The scores of samples.npz and their protocol (see module docstring)."""
+    data, options = cfg.data, OmegaConf.to_container(cfg.metrics, resolve=True)
+    options["classifier_path"] = options.get("classifier_path") or shipped_classifier(data)
+    samples = load_samples(samples_path, data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.get("ref"):
+        if set(options) & {"kid", "prec_recall"}:
+            raise ConfigError("ref= gives the FID alone (statistics hold no features); drop kid / prec_recall")
+        extractor = extractor_from(options)
+        mu, sigma = read_stats(cfg.ref, extractor.name, weights_hash(extractor))
+        fake = feature_stats(extract_features(extractor, samples, options["batch_size"], device))
+        return {"fid": frechet_distance(*fake, mu, sigma), "protocol": {
+            "num_samples": len(samples), "reference": str(cfg.ref), "extractor": extractor.name,
+            "extractor_hash": weights_hash(extractor), "samples": str(samples_path)}}
+    images, _ = data_split(data, options["real_split"])
+    result = score_samples(samples, images, options, device, cfg.seed)
+    result["protocol"]["samples"] = str(samples_path)
+    if cfg.get("write_ref"):
+        extractor = extractor_from(options)
+        real = real_features(extractor, images, Path(options["cache_dir"]).expanduser(), options["batch_size"], device)
+        write_stats(cfg.write_ref, real.features, extractor.name, real.extractor_hash)
+    return result
+
+
+@one_line_errors
+def main(argv: list[str]) -> None:
+    if not argv or "=" in argv[0]:
+        raise ConfigError("usage: python -m diffusion_lab.metrics SAMPLES.npz data=NAME [metrics=[fid,kid]] [ref=FILE]")
+    overrides = [f"+{a}" if a.startswith(("data=", *(f"{o}=" for o in OPTIONS))) else a for a in argv[1:]]
+    if not any(a.startswith("metrics=") for a in overrides):
+        overrides.append("metrics=[fid]")
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("sample.yaml", overrides=["+paths=default", *overrides])
+    if "data" not in cfg:
+        raise ConfigError("data=NAME is needed: the data set the samples are compared with (e.g. data=fashion_mnist)")
+    result = score(argv[0], cfg)
+    if cfg.get("output"):
+        with atomic_path(cfg.output) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
