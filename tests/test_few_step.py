@@ -4,6 +4,7 @@ checkpoint alone."""
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from test_resume import last_checkpoint, run
@@ -12,10 +13,14 @@ from toy_models import gaussian_denoiser, gaussian_ode_solution
 
 from diffusion_lab.diffusion.consistency import Consistency, heun_step
 from diffusion_lab.diffusion.flow_matching import FlowMatching
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.progressive import distillation_losses
 from diffusion_lab.diffusion.reflow import coupled_losses, straightness
+from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.sample import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import DenoiserOutput
+from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
 
 MEAN, STD = 0.3, 0.5
@@ -194,3 +199,46 @@ def test_reflow_runs_caches_its_pairs_and_its_checkpoint_samples(teachers, tmp_p
     assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
     with pytest.raises(ConfigError, match="is a edm checkpoint; experiment=reflow distils a flow_matching teacher"):
         run(tiny("reflow", images, tmp_path / "bad") + [f"teacher_ckpt={paths['edm']}"])
+
+
+def test_progressive_distillation_two_step_student_matches_the_four_step_teacher(one_thread):
+    """One stage of Salimans & Ho 2022 (Alg. 2) from the exact teacher of N(MEAN, STD^2), v objective, cosine T = 64:
+    the 2-step DDIM student lands nearer the teacher's 4-step DDIM output than the teacher's own 2 steps do."""
+    process = GaussianDiffusion(beta_schedule("cosine", 64), objective="v")
+    teacher = gaussian_denoiser(MEAN, STD)
+    net = PixelMLP(seed=0, time_scale=64)
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    generator = torch.Generator().manual_seed(0)
+    teacher_grid, student_grid = process.sampling_grid(4, "trailing"), process.sampling_grid(2, "trailing")
+    for _ in range(300):
+        loss, _ = distillation_losses(process.denoiser(net, False), teacher, toy_data(128, generator), *teacher_grid,
+                                      generator)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    probe = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    teacher_4 = Sampler("ddim", 4, "trailing")(teacher, probe, *teacher_grid)
+    teacher_2 = Sampler("ddim", 2, "trailing")(teacher, probe, *student_grid)
+    student_2 = Sampler("ddim", 2, "trailing")(process.denoiser(net, False), probe, *student_grid)
+    student_error, teacher_error = (student_2 - teacher_4).abs().mean(), (teacher_2 - teacher_4).abs().mean()
+    print(f"|x - teacher's 4 steps|: student 2 steps {student_error:.4f}, teacher 2 steps {teacher_error:.4f}")
+    assert student_error < teacher_error / 4
+
+
+def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teachers, tmp_path, one_thread):
+    images, paths = teachers
+    out = tmp_path / "pd"
+    run(tiny("progressive_distillation", images, out, 3) + [
+        f"teacher_ckpt={paths['edm']}", "schedule.timesteps=8", "module.teacher_steps=4", "module.steps_per_stage=1",
+        "sampler.steps=2"])
+    for name, steps in (("stage0_2steps.ckpt", 2), ("stage1_1steps.ckpt", 1)):
+        checkpoint = load_checkpoint(out / "checkpoints" / name)
+        assert checkpoint["config"]["sampler"]["steps"] == steps
+        model = load_model(checkpoint, "ema", torch.device("cpu"))
+        sampler = instantiate(checkpoint["config"]["sampler"])
+        x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
+        assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps
+    assert load_checkpoint(out / "checkpoints" / "stage0_2steps.ckpt")["global_step"] == 1
+    with pytest.raises(ConfigError, match="must be divisible by module.teacher_steps=4"):
+        run(tiny("progressive_distillation", images, tmp_path / "bad") + [
+            f"teacher_ckpt={paths['edm']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])

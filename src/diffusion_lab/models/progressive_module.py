@@ -1,0 +1,89 @@
+"""Progressive distillation (Salimans & Ho 2022, Alg. 2) in stages within one run: stage s (steps_per_stage optimizer
+steps each) trains a student of N_s = teacher_steps / 2^(s + 1) DDIM steps on the `trailing` grid of its own
+process against two steps of its teacher: the checkpoint of teacher_ckpt at stage 0 (any DDPM or EDM model, through
+its (x, alpha, sigma) denoiser), then the student of the stage before. Each finished stage writes
+`<output_dir>/checkpoints/stage{s}_{N_s}steps.ckpt`, whose config samples with its N_s steps. The teacher network of
+stages >= 1 and the stage index are saved (a resumed run continues exactly); the loaded teacher is not."""
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.progressive import distillation_losses
+from diffusion_lab.models.diffusion_module import DiffusionModule
+from diffusion_lab.models.teacher import init_from_teacher, load_teacher
+from diffusion_lab.utils.errors import ConfigError
+
+
+class ProgressiveDistillationModule(DiffusionModule):
+    """See the module docstring. The student samples stage s with sampler=ddim sampler.spacing=trailing
+    sampler.steps=N_s; schedule.timesteps must be divisible by 2 N_s at every stage, so that the student's grid is
+    the even half of its teacher's."""
+
+    def __init__(self, model, *args, teacher_ckpt: str | None = None, teacher_steps: int = 256, final_steps: int = 1,
+                 steps_per_stage: int = 5000, checkpoint_dir: str = "checkpoints", **kwargs):
+        super().__init__(model, *args, **kwargs)
+        process = model.process
+        if not isinstance(process, GaussianDiffusion) or process.objective != "v":
+            raise ConfigError("experiment=progressive_distillation trains process=gaussian with process.objective=v "
+                              f"(Salimans & Ho 2022), not process {process.name} objective "
+                              f"{getattr(process, 'objective', '-')}")
+        if self.cache_latents:
+            raise ConfigError("module.cache_latents=true is not supported by progressive distillation; set it false")
+        stages = [teacher_steps // 2**s for s in range(1, 64) if teacher_steps // 2**s >= final_steps]
+        if not (isinstance(steps_per_stage, int) and steps_per_stage >= 1 and final_steps >= 1 and stages
+                and stages[-1] == final_steps and all(teacher_steps == n * 2 ** (s + 1) for s, n in enumerate(stages))):
+            raise ConfigError(f"module.teacher_steps={teacher_steps}, final_steps={final_steps}, steps_per_stage="
+                              f"{steps_per_stage}: need final_steps * 2^k = teacher_steps (k >= 1) and steps_per_stage >= 1")
+        if process.num_timesteps % teacher_steps:
+            raise ConfigError(f"schedule.timesteps={process.num_timesteps} must be divisible by module.teacher_steps="
+                              f"{teacher_steps}, so that each student's grid is the even half of its teacher's")
+        self.teacher = load_teacher(teacher_ckpt, ("ddpm", "edm"), model, "progressive_distillation")
+        init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
+        self.stage_steps, self.steps_per_stage = stages, steps_per_stage
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.teacher_net = copy.deepcopy(model.net).requires_grad_(False)  # the teacher of stages >= 1
+        self.register_buffer("stage", torch.zeros((), dtype=torch.long))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.teacher.model.to(self.device)
+
+    def stage_path(self, stage: int) -> Path:
+        return self.checkpoint_dir / f"stage{stage}_{self.stage_steps[stage]}steps.ckpt"
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """At the first step of a new stage: write the finished stage's checkpoint; its student becomes the teacher."""
+        stage = int(self.stage)
+        if stage < len(self.stage_steps) - 1 and self.global_step >= (stage + 1) * self.steps_per_stage:
+            self.trainer.save_checkpoint(self.stage_path(stage))
+            self.teacher_net.load_state_dict(self.model.net.state_dict())
+            self.stage += 1
+
+    def on_train_end(self) -> None:
+        self.trainer.save_checkpoint(self.stage_path(int(self.stage)))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        config = copy.deepcopy(self.run_config)
+        config.setdefault("sampler", {})["steps"] = self.stage_steps[int(self.stage)]
+        checkpoint["config"] = config
+
+    def _losses(self, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        inputs, labels = batch
+        x0 = self.model.encode(inputs, generator)
+        labels = labels if self.model.conditional else None
+        if labels is not None:  # the null class for guidance, for student and teacher alike
+            drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.model.process.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.model.num_classes), labels)
+        stage = int(self.stage)
+        if stage == 0:
+            teacher = self.teacher.model.process.denoiser(self.teacher.model.net, False, class_labels=labels)
+        else:
+            teacher = self.model.process.denoiser(self.teacher_net, False, class_labels=labels)
+        student = self.model.process.denoiser(self.model.net, False, class_labels=labels)
+        alphas, sigmas = self.model.process.sampling_grid(2 * self.stage_steps[stage], "trailing")
+        return distillation_losses(student, teacher, x0, alphas, sigmas, generator)
