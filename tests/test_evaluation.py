@@ -1,21 +1,27 @@
 """Evaluation at paper standard: seed-exact generation (sample i depends only on (seed, i)), sampling over several
 processes with chunked, resumable writes, shipped classifier weights and scoring any samples.npz."""
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from conftest import compose_train, run_script
+from conftest import CONFIGS, compose_train, needs_fashion_mnist, run_script
 from test_pipeline import compose_sample
 from diffusion_lab import sample as sample_module
 from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.__main__ import main as metrics_main
+from diffusion_lab.metrics.evaluate import data_split
+from diffusion_lab.metrics.extractors import SHIPPED_CLASSIFIERS, ClassifierFeatures, weights_hash
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
 from diffusion_lab.metrics.scores import FeatureInput
 from diffusion_lab.sample import sample
@@ -24,19 +30,22 @@ from diffusion_lab.utils.errors import ConfigError
 from tiny_run import image_folder
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_checkpoint(root: Path, overrides: list[str]) -> tuple[nn.Module, Path]:
     """The default model shrunk to 8x8 grayscale, randomly initialised (bit equality needs no training), and a
     checkpoint of it as train.py writes one (format 2: the model object's weights under `model.`)."""
-    root = tmp_path_factory.mktemp("tiny")
     cfg = compose_train(["data=folder", f"data.root={image_folder(root / 'images')}", "data.image_size=8",
-                         "data.channels=1", "sampler=ddim", "sampler.steps=3", "sampler.eta=1.0"], root / "run")
+                         "data.channels=1", *overrides], root / "run")
     torch.manual_seed(0)
     model = build_model(cfg, trained_first_stage=False).eval()
     ckpt = root / "tiny.ckpt"
     torch.save({"config": OmegaConf.to_container(cfg, resolve=True), "format_version": 2, "global_step": 0,
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     return model, ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), ["sampler=ddim", "sampler.steps=3", "sampler.eta=1.0"])
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +108,14 @@ def test_a_run_stopped_after_some_chunks_resumes_to_the_same_file(tiny, tmp_path
     assert calls == [2, 4]  # only the chunks not yet written were drawn
 
 
+def test_guided_class_conditional_samples_are_the_same_in_chunks(tmp_path, one_thread):
+    model, ckpt = tiny_checkpoint(tmp_path, ["data.conditional=true", "sampler=ddpm", "sampler.steps=4"])
+    out = sample(compose_sample([f"ckpt_path={ckpt}", "num_samples=5", "batch_size=2", "chunk_size=3", "device=cpu",
+                                 "class_labels=[3,1]", "guidance_scale=2.0", f"output_dir={tmp_path / 'out'}"]))
+    direct = generate(model, Sampler("ddpm", 4), 5, 5, class_labels=[3, 1], guidance_scale=2.0)
+    assert np.array_equal(samples_of(out["samples"].parent), direct.samples)
+
+
 def fashion_mnist_args(tmp_path: Path) -> list[str]:
     return ["data=fashion_mnist", f"metrics.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
 
@@ -138,3 +155,27 @@ def test_samples_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, caps
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+
+
+@needs_fashion_mnist
+def test_the_shipped_classifier_loads_weights_only_and_scores_by_default(tmp_path, capsys):
+    path = SHIPPED_CLASSIFIERS["fashion_mnist"]
+    record = torch.load(path, weights_only=True)
+    assert path.stat().st_size < 2 * 2**20
+    extractor = ClassifierFeatures(str(path))
+    line = next(line for line in (path.parent / "README.md").read_text().splitlines() if path.name in line)
+    assert weights_hash(extractor) in line and f"{record['feature_classifier']['test_accuracy']:.4f}" in line
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):  # 300 real test images as "samples"
+        data = compose("sample.yaml", overrides=["+paths=default", "+data=fashion_mnist",
+                                                 f"paths.data_dir={tmp_path}"]).data
+    images, _ = data_split(data, "test")
+    np.savez(tmp_path / "samples.npz", images[:300].permute(0, 2, 3, 1).numpy())
+    args = [str(tmp_path / "samples.npz"), *fashion_mnist_args(tmp_path)]
+    metrics_main([*args, f"write_ref={tmp_path / 'ref.npz'}", f"output={tmp_path / 'split.json'}"])
+    metrics_main([*args, f"ref={tmp_path / 'ref.npz'}", f"output={tmp_path / 'ref.json'}"])
+    split, ref = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("split", "ref"))
+    assert split["protocol"]["extractor"] == "classifier"  # no classifier_path given: the shipped one
+    assert split["protocol"]["extractor_hash"] == ref["protocol"]["extractor_hash"] == weights_hash(extractor)
+    assert ref["fid"] == pytest.approx(split["fid"], rel=1e-4)  # torchmetrics over features = scipy over (mu, sigma)

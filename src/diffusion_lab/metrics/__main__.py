@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.metrics.evaluate import data_split, extractor_from, score_samples
@@ -74,6 +75,7 @@ def main(argv: list[str]) -> None:
     if not any(a.startswith("metrics=") for a in overrides):
         overrides.append("metrics=[fid]")
     register_resolvers()
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("sample.yaml", overrides=["+paths=default", *overrides])
     if "data" not in cfg:
