@@ -5,9 +5,11 @@ checkpoint alone."""
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
-from test_resume import last_checkpoint, run
+from conftest import ROOT
+from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import image_folder, tiny_overrides
 from toy_models import gaussian_denoiser, gaussian_ode_solution
 
@@ -17,7 +19,9 @@ from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
 from diffusion_lab.diffusion.reflow import coupled_losses, straightness
 from diffusion_lab.diffusion.schedules import beta_schedule
-from diffusion_lab.sample import load_model
+from diffusion_lab.models.consistency_module import ConsistencyTrainingModule
+from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.sample import load_model, sampler_config
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import DenoiserOutput
 from diffusion_lab.utils.checkpoint import load_checkpoint
@@ -138,6 +142,8 @@ def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, tmp_
     assert any(name.startswith("target_net.") for name in checkpoint["current_model_state"])  # resumes exactly
     model = load_model(checkpoint, "ema", torch.device("cpu"))
     assert model.process.name == "consistency"
+    chosen = OmegaConf.load(ROOT / "configs" / "sampler" / "consistency.yaml")  # sample.py sampler=consistency
+    assert instantiate(sampler_config(checkpoint["config"], chosen)).options["sigma_min"] == model.process.sigma_min
     for steps in (1, 2, 4):
         x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
                          Sampler("consistency", steps, "karras", sigma_min=model.process.sigma_min))
@@ -242,3 +248,32 @@ def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teach
     with pytest.raises(ConfigError, match="must be divisible by module.teacher_steps=4"):
         run(tiny("progressive_distillation", images, tmp_path / "bad") + [
             f"teacher_ckpt={paths['edm']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])
+
+
+def test_consistency_training_curriculum_doubles_from_s0_to_s1():
+    """N(k) = min(s_0 2^floor(k / K'), s_1) + 1 with K' = floor(K / (log2 floor(s_1 / s_0) + 1)) (iCT, Eq. 6)."""
+    module = ConsistencyTrainingModule(DiffusionModel(PixelMLP(), Consistency(), (1, 4, 4)), torch.optim.Adam,
+                                       total_steps=400000)
+    assert [module.num_scales(k) for k in (0, 49999, 50000, 100000, 300000, 349999, 350000, 399999)] == [
+        11, 11, 21, 41, 641, 641, 1281, 1281]
+
+
+def test_consistency_training_runs_and_its_checkpoint_samples(teachers, tmp_path, one_thread):
+    images, _ = teachers
+    run(tiny("consistency_training", images, tmp_path / "ct", 3))
+    model = load_model(last_checkpoint(tmp_path / "ct"), "ema", torch.device("cpu"))
+    x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                     Sampler("consistency", 2, "karras", sigma_min=model.process.sigma_min))
+    assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
+
+
+def test_consistency_distillation_resumes_exactly(teachers, tmp_path, one_thread):
+    """Stopped at step 2 and resumed to 4, the student, its EMA, its target network and the optimizer state equal a
+    run never interrupted, bit for bit; the teacher comes again from teacher_ckpt."""
+    images, paths = teachers
+    teacher = [f"teacher_ckpt={paths['edm']}"]
+    run(tiny("consistency_distillation", images, tmp_path / "straight", 4) + teacher)
+    run(tiny("consistency_distillation", images, tmp_path / "first", 2) + teacher)
+    run(tiny("consistency_distillation", images, tmp_path / "second", 4) + teacher
+        + [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    assert_same_run(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "second"))
