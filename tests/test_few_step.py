@@ -124,19 +124,21 @@ def tiny(experiment: str, images, output_dir, steps: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """Tiny EDM and rectified-flow teachers (2 steps each) on a folder of 8x8 images."""
+    """Tiny EDM, DDPM (T = 20) and rectified-flow teachers (2 steps each) on a folder of 8x8 images."""
     root = tmp_path_factory.mktemp("teachers")
     images = image_folder(root / "images")
     paths = {}
-    for name, experiment in (("edm", "edm_fashion_mnist"), ("flow", "rectified_flow_fashion_mnist")):
-        run(tiny(experiment, images, root / name))
+    for name, experiment, extra in (("edm", "edm_fashion_mnist", []), ("flow", "rectified_flow_fashion_mnist", []),
+                                    ("ddpm", "ddpm_fashion_mnist", ["schedule.timesteps=20"])):
+        run(tiny(experiment, images, root / name) + extra)
         paths[name] = root / name / "checkpoints" / "last.ckpt"
     return images, paths
 
 
-def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, tmp_path, one_thread):
+@pytest.mark.parametrize("teacher", ["edm", "ddpm"])
+def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teacher, tmp_path, one_thread):
     images, paths = teachers
-    run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths['edm']}"])
+    run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths[teacher]}"])
     checkpoint = last_checkpoint(tmp_path / "cd")
     assert not any(name.startswith("teacher") for name in checkpoint["state_dict"])  # reloaded from its path
     assert any(name.startswith("target_net.") for name in checkpoint["current_model_state"])  # resumes exactly
