@@ -21,7 +21,7 @@ from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.__main__ import main as metrics_main
 from diffusion_lab.metrics.evaluate import data_split
-from diffusion_lab.metrics.extractors import SHIPPED_CLASSIFIERS, ClassifierFeatures, weights_hash
+from diffusion_lab.metrics.extractors import SHIPPED_CLASSIFIERS, ClassifierFeatures, InceptionFeatures, weights_hash
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
 from diffusion_lab.metrics.scores import FeatureInput
 from diffusion_lab.sample import sample
@@ -179,3 +179,9 @@ def test_the_shipped_classifier_loads_weights_only_and_scores_by_default(tmp_pat
     assert split["protocol"]["extractor"] == "classifier"  # no classifier_path given: the shipped one
     assert split["protocol"]["extractor_hash"] == ref["protocol"]["extractor_hash"] == weights_hash(extractor)
     assert ref["fid"] == pytest.approx(split["fid"], rel=1e-4)  # torchmetrics over features = scipy over (mu, sigma)
+
+
+def test_absent_inception_weights_name_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match=f"looked in metrics.weights_path .null. and {tmp_path / 'hub'}.*download"):
+        InceptionFeatures()

@@ -30,8 +30,14 @@ def weights_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def inception_cache() -> Path:
+    """Where torch-fidelity (through torchmetrics) keeps the FID Inception weights: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+
+
 class InceptionFeatures(nn.Module):
-    """FID Inception-v3 pool features (2048-d); weights from `weights_path`, else torch-fidelity's download."""
+    """FID Inception-v3 pool features (2048-d); weights from `weights_path`, else the torch hub cache (never a
+    download: the machine may be offline)."""
 
     name = "inception"
     num_features = 2048
@@ -42,15 +48,12 @@ class InceptionFeatures(nn.Module):
 
         if weights_path is not None and not Path(weights_path).is_file():
             raise ConfigError(f"metrics.weights_path={weights_path} is not a file; download {INCEPTION_URL} there")
-        try:
-            self.inception = NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-            )
-        except OSError as error:  # the download failed (offline machine)
-            raise ConfigError(
-                f"the Inception weights could not be downloaded ({type(error).__name__}); fetch {INCEPTION_URL} on a "
-                "machine with internet and pass metrics.weights_path=<file>, or use metrics.extractor=classifier"
-            ) from error
+        if weights_path is None and not inception_cache().is_file():
+            raise ConfigError(f"the FID Inception weights are absent: looked in metrics.weights_path (null) and "
+                              f"{inception_cache()}; download {INCEPTION_URL} to either, or use metrics.extractor=classifier")
+        self.inception = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
 
     def forward(self, images: Tensor) -> Tensor:
         if images.shape[1] == 1:
