@@ -279,3 +279,18 @@ def test_consistency_distillation_resumes_exactly(teachers, tmp_path, one_thread
     run(tiny("consistency_distillation", images, tmp_path / "second", 4) + teacher
         + [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
     assert_same_run(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "second"))
+
+
+def test_progressive_distillation_resumes_exactly_across_a_stage(teachers, tmp_path, one_thread):
+    """Stopped at step 2 (stage 1 begun) and resumed to 4: the student, its teacher network of stage >= 1, the stage,
+    EMA and optimizer equal a run never interrupted, bit for bit."""
+    images, paths = teachers
+    extra = [f"teacher_ckpt={paths['edm']}", "schedule.timesteps=8", "module.teacher_steps=8", "module.steps_per_stage=1",
+             "sampler.steps=2"]
+    run(tiny("progressive_distillation", images, tmp_path / "straight", 4) + extra)
+    run(tiny("progressive_distillation", images, tmp_path / "first", 2) + extra)
+    run(tiny("progressive_distillation", images, tmp_path / "second", 4) + extra
+        + [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    straight = last_checkpoint(tmp_path / "straight")
+    assert_same_run(straight, last_checkpoint(tmp_path / "second"))
+    assert int(straight["current_model_state"]["stage"]) == 2 and straight["config"]["sampler"]["steps"] == 1
