@@ -146,7 +146,7 @@ def test_sample_py_on_nonfinite_weights_ends_in_one_line_and_writes_nothing(trai
     result = run_script("sample.py", [f"ckpt_path={tmp_path / 'nan.ckpt'}", "sampler=ddim", "sampler.steps=2",
                                       "num_samples=2", "batch_size=2", f"output_dir={out}"], check=False)
     assert_one_line_error(result, "sampler ddim(steps=2", "step 1 of 2", "NaN or inf")
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists() or not any(out.iterdir()), sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
 def test_a_failed_run_leaves_earlier_outputs_intact(trained_run, tmp_path):
