@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from torch import Tensor
 
 from diffusion_lab.models.diffusion_model import DiffusionModel
