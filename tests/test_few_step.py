@@ -269,6 +269,7 @@ def test_consistency_training_runs_and_its_checkpoint_samples(teachers, tmp_path
     assert x.shape == (2, 1, 8, 8) and x.isfinite().all()
 
 
+@pytest.mark.slow
 def test_consistency_distillation_resumes_exactly(teachers, tmp_path, one_thread):
     """Stopped at step 2 and resumed to 4, the student, its EMA, its target network and the optimizer state equal a
     run never interrupted, bit for bit; the teacher comes again from teacher_ckpt."""
@@ -281,6 +282,7 @@ def test_consistency_distillation_resumes_exactly(teachers, tmp_path, one_thread
     assert_same_run(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "second"))
 
 
+@pytest.mark.slow
 def test_progressive_distillation_resumes_exactly_across_a_stage(teachers, tmp_path, one_thread):
     """Stopped at step 2 (stage 1 begun) and resumed to 4: the student, its teacher network of stage >= 1, the stage,
     EMA and optimizer equal a run never interrupted, bit for bit."""

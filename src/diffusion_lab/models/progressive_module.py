@@ -52,6 +52,12 @@ class ProgressiveDistillationModule(DiffusionModule):
         super().on_fit_start()
         self.teacher.model.to(self.device)
 
+    def train(self, mode: bool = True) -> "ProgressiveDistillationModule":
+        """The teacher network stays in eval mode (no dropout) while the student trains."""
+        super().train(mode)
+        self.teacher_net.eval()
+        return self
+
     def stage_path(self, stage: int) -> Path:
         return self.checkpoint_dir / f"stage{stage}_{self.stage_steps[stage]}steps.ckpt"
 
