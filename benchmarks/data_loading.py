@@ -107,7 +107,8 @@ def measure(kind: str, root: str, workers: int, batch_size: int, epochs: int) ->
     if kind == "shards":
         data = ShardsDataModule(root, **common)
     else:
-        data = ImageDataModule("folder", root, val_size=100, in_memory_limit_mb=0 if kind == "lazy" else 2**20, **common)
+        limit = 0 if kind == "lazy" else 2**20
+        data = ImageDataModule("folder", root, val_size=100, in_memory_limit_mb=limit, **common)
     data.setup("fit")
     loader = data.train_dataloader()
     setup = time.perf_counter() - start

@@ -174,7 +174,8 @@ class SeenProbe(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        torch.save({"epochs": self.epochs, "images": torch.stack(self.images)}, self.dirpath / f"rank{trainer.global_rank}.pt")
+        torch.save({"epochs": self.epochs, "images": torch.stack(self.images)},
+                   self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.slow
@@ -220,7 +221,8 @@ def test_sigterm_mid_epoch_on_shards_then_resume_matches_an_uninterrupted_run(sh
     overrides = shard_overrides(shards, tmp_path / "run", steps) + [f"data.num_workers={num_workers}",
                                                                    "ckpt_path=auto"]
     with pytest.raises(SystemExit):
-        run(overrides + ["+callbacks.sigterm._target_=tiny_run.SendSignal", f"+callbacks.sigterm.at_step={interrupt_at}"])
+        run(overrides + ["+callbacks.sigterm._target_=tiny_run.SendSignal",
+                         f"+callbacks.sigterm.at_step={interrupt_at}"])
     assert last_checkpoint(tmp_path / "run")["global_step"] == interrupt_at
     run(overrides)
     assert_same_run(uninterrupted(num_workers, steps), last_checkpoint(tmp_path / "run"))

@@ -177,7 +177,8 @@ class ImageDataModule(LightningDataModule):
             files, labels, _ = datasets.folder_files(self.root)
             if len(files) * self.channels * self.image_size**2 > self.in_memory_limit_mb * 2**20:
                 return ImageFileDataset(files, labels, self.image_size, self.channels)
-            return UInt8ImageDataset(datasets.decode_files(files, self.image_size, self.channels, self.num_workers), labels)
+            images = datasets.decode_files(files, self.image_size, self.channels, self.num_workers)
+            return UInt8ImageDataset(images, labels)
         images, labels = getattr(datasets, self.dataset)(self.root, train)
         if images.shape[1:] != (self.channels, self.image_size, self.image_size):
             found = "x".join(map(str, images.shape[2:])) + f"x{images.shape[1]}"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import hydra
 import litdata
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from torch import Tensor
@@ -160,7 +159,8 @@ def prepare(cfg: DictConfig) -> dict:
     settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
     if (out / META_FILE).is_file():
         previous = json.loads((out / META_FILE).read_text())
-        differ = [key for key in (settings.keys() | previous.keys()) - {"complete"} if previous.get(key) != settings.get(key)]
+        keys = (settings.keys() | previous.keys()) - {"complete"}
+        differ = [key for key in keys if previous.get(key) != settings.get(key)]
         if differ:
             raise ConfigError(f"out={out} holds shards prepared with other settings ({', '.join(sorted(differ))}); "
                               "choose another out, or delete it to start again")
