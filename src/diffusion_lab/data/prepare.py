@@ -177,7 +177,7 @@ def prepare(cfg: DictConfig) -> dict:
         print(f"{split}: {len(indices)} images into {out / split}")
         try:
             optimize(fn=fn, inputs=indices, output_dir=str(out / split), chunk_bytes=cfg.chunk_bytes,
-                             num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
+                     num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
         except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
             raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
                               "command again, it goes on from the last chunk written") from error
