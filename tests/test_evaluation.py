@@ -30,11 +30,11 @@ from diffusion_lab.utils.errors import ConfigError
 from tiny_run import image_folder
 
 
-def tiny_checkpoint(root: Path, overrides: list[str]) -> tuple[nn.Module, Path]:
-    """The default model shrunk to 8x8 grayscale, randomly initialised (bit equality needs no training), and a
-    checkpoint of it as train.py writes one (format 2: the model object's weights under `model.`)."""
-    cfg = compose_train(["data=folder", f"data.root={image_folder(root / 'images')}", "data.image_size=8",
-                         "data.channels=1", *overrides], root / "run")
+def tiny_checkpoint(root: Path, overrides: list[str], data: list[str] | None = None) -> tuple[nn.Module, Path]:
+    """The default model shrunk (on 8x8 grayscale unless `data` chooses), randomly initialised (bit equality needs
+    no training), and a checkpoint of it as train.py writes one (format 2: the model object's weights under `model.`)."""
+    data = data or ["data=folder", f"data.root={image_folder(root / 'images')}", "data.image_size=8", "data.channels=1"]
+    cfg = compose_train([*data, *overrides], root / "run")
     torch.manual_seed(0)
     model = build_model(cfg, trained_first_stage=False).eval()
     ckpt = root / "tiny.ckpt"
@@ -116,8 +116,14 @@ def test_guided_class_conditional_samples_are_the_same_in_chunks(tmp_path, one_t
     assert np.array_equal(samples_of(out["samples"].parent), direct.samples)
 
 
-def fashion_mnist_args(tmp_path: Path) -> list[str]:
-    return ["data=fashion_mnist", f"metrics.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    """One real-features cache for the module (its files are keyed by extractor and data hashes)."""
+    return tmp_path_factory.mktemp("features")
+
+
+def fashion_mnist_args(tmp_path: Path, cache: Path | None = None) -> list[str]:
+    return ["data=fashion_mnist", f"metrics.cache_dir={cache or tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
 
 
 def test_the_frechet_distance_of_statistics_is_torchmetrics_fid_of_the_features():
@@ -158,7 +164,7 @@ def test_samples_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, caps
 
 
 @needs_fashion_mnist
-def test_the_shipped_classifier_loads_weights_only_and_scores_by_default(tmp_path, capsys):
+def test_the_shipped_classifier_loads_weights_only_and_scores_by_default(tmp_path, feature_cache):
     path = SHIPPED_CLASSIFIERS["fashion_mnist"]
     record = torch.load(path, weights_only=True)
     assert path.stat().st_size < 2 * 2**20
@@ -172,7 +178,7 @@ def test_the_shipped_classifier_loads_weights_only_and_scores_by_default(tmp_pat
                                                  f"paths.data_dir={tmp_path}"]).data
     images, _ = data_split(data, "test")
     np.savez(tmp_path / "samples.npz", images[:300].permute(0, 2, 3, 1).numpy())
-    args = [str(tmp_path / "samples.npz"), *fashion_mnist_args(tmp_path)]
+    args = [str(tmp_path / "samples.npz"), *fashion_mnist_args(tmp_path, feature_cache)]
     metrics_main([*args, f"write_ref={tmp_path / 'ref.npz'}", f"output={tmp_path / 'split.json'}"])
     metrics_main([*args, f"ref={tmp_path / 'ref.npz'}", f"output={tmp_path / 'ref.json'}"])
     split, ref = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("split", "ref"))
@@ -185,3 +191,14 @@ def test_absent_inception_weights_name_where_they_were_looked_for(tmp_path, monk
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(ConfigError, match=f"looked in metrics.weights_path .null. and {tmp_path / 'hub'}.*download"):
         InceptionFeatures()
+
+
+@needs_fashion_mnist
+@pytest.mark.slow  # the 10,000 real test images through the classifier, unless the test above cached them
+def test_sample_py_scores_fid_offline_with_the_shipped_classifier(tmp_path, feature_cache, one_thread):
+    _, ckpt = tiny_checkpoint(tmp_path, ["sampler=ddim", "sampler.steps=2"], data=["data=fashion_mnist"])
+    paths = sample(compose_sample([f"ckpt_path={ckpt}", "num_samples=4", "batch_size=4", "device=cpu", "metrics=[fid]",
+                                   f"metrics.cache_dir={feature_cache}", f"output_dir={tmp_path / 'out'}"]))
+    scores = json.loads(paths["metrics"].read_text())
+    assert np.isfinite(scores["fid"]) and scores["protocol"]["num_samples"] == 4
+    assert scores["protocol"]["extractor_hash"] == weights_hash(ClassifierFeatures(str(SHIPPED_CLASSIFIERS["fashion_mnist"])))
