@@ -87,7 +87,7 @@ def chunks_done(chunk_dir: Path, record: dict, num_samples: int, chunk_size: int
         raise ConfigError(f"{chunk_dir} holds chunks of a run with other {', '.join(changed)}; delete it or choose "
                           "another output_dir")
     done = set()
-    for path in chunk_dir.glob("*.npy"):
+    for path in chunk_dir.glob("[0-9]*.npy"):  # not the hidden temporary of a write that was killed
         start = int(path.stem)
         if start % chunk_size == 0 and len(np.load(path, mmap_mode="r")) == min(chunk_size, num_samples - start):
             done.add(start)
