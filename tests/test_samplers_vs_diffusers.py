@@ -149,7 +149,9 @@ def test_zero_terminal_snr_at_300_steps_matches_diffusers(algorithm, cls, one_th
     theirs = run_diffusers(scheduler, net, process, noise, 300, None)
     ours = run_ours(Sampler(algorithm, 300, "trailing"), net, process, noise, None, False)
     assert torch.isfinite(theirs).all() and torch.isfinite(ours).all(), (~torch.isfinite(ours)).sum().item()
-    assert (ours - theirs).abs().max() < TOL
+    # diffusers' multistep solvers cast the sample to float32 at every step: over 300 steps their rounding
+    # reaches ~1e-5 (the grid with alpha_bar_T = 2^-24 or 0 gives 1.28e-5 alike), so 3e-5 here, 1e-5 at 8 steps
+    assert (ours - theirs).abs().max() < 3 * TOL
 
 
 def test_karras_spacing_below_two_to_the_minus_24_matches_diffusers():

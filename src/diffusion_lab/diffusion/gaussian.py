@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast, vp_norm
-from diffusion_lab.diffusion.schedules import log_sigmas, nonzero_alpha_bar
+from diffusion_lab.diffusion.schedules import log_sigmas
 from diffusion_lab.diffusion.timesteps import timestep_at_log_sigma, timesteps_for
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
@@ -250,16 +250,22 @@ class GaussianDiffusion(Process):
 
     def timestep_at(self, alpha: Tensor, sigma: Tensor) -> Tensor:
         """The fractional timestep of the noise level sigma / alpha (`timestep_at_log_sigma`), snapped to the
-        integer step within 1e-9 of it, so that a level of the table maps back to its own step exactly."""
+        integer step within 1e-9 of it, so that a level of the table maps back to its own step exactly. alpha = 0
+        is the last step of a zero-terminal-SNR table; the other levels are looked up among the steps before it
+        (the 2^-24 that `log_sigmas` puts in for that step's 0 would break the table's order)."""
         log_sigma = (sigma.to(torch.float64).log() - alpha.to(torch.float64).log()).reshape(-1)
-        t = timestep_at_log_sigma(log_sigmas(self.alphas_cumprod), log_sigma)
-        return torch.where((t - t.round()).abs() < 1e-9, t.round(), t)
+        table = log_sigmas(self.alphas_cumprod)
+        zero_terminal = bool(self.alphas_cumprod[-1] == 0)
+        t = timestep_at_log_sigma(table[:-1] if zero_terminal and len(table) > 1 else table, log_sigma)
+        t = torch.where((t - t.round()).abs() < 1e-9, t.round(), t)
+        return torch.where(torch.isinf(log_sigma) & zero_terminal, torch.full_like(t, self.num_timesteps - 1), t)
 
     def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) at the `steps` timesteps of the spacing (diffusion_lab.diffusion.timesteps), then the data:
-        alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), a zero terminal alpha_bar taken as 2^-24 (as diffusers)."""
+        alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar); a zero terminal SNR gives alpha = 0 there, which the
+        samplers that need a finite log-SNR replace by 2^-12 themselves (alpha_bar = 2^-24, as diffusers)."""
         timesteps = timesteps_for(spacing, self.alphas_cumprod, steps)
-        alpha_bars = nonzero_alpha_bar(torch.cat([self.alpha_bar_at(timesteps), timesteps.new_ones(1)]))
+        alpha_bars = torch.cat([self.alpha_bar_at(timesteps), timesteps.new_ones(1)])
         return alpha_bars.sqrt(), (1 - alpha_bars).sqrt()
 
     def denoiser(

@@ -53,4 +53,4 @@ def forward_noising_figure(alphas: Tensor, sigmas: Tensor, images: Tensor, path:
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
     rows = [float(alpha) * x0 + float(sigma) * noise for alpha, sigma in zip(alphas, sigmas)]
     stacked = torch.stack(rows, dim=1).flatten(0, 1)  # image-major: each row is one image over timesteps
-    save_grid(to_uint8(stacked), path, nrow=len(timesteps))
+    save_grid(to_uint8(stacked), path, nrow=len(rows))
