@@ -166,6 +166,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
             except NonFiniteError as error:
                 failure = str(error)
             if fabric.all_gather(torch.tensor(failure is not None, device=device)).any():
+                if fabric.global_rank == 0 and not any(chunk_dir.glob("[0-9]*.npy")):
+                    shutil.rmtree(chunk_dir)  # only its run.json: nothing was drawn, so nothing is left behind
                 raise NonFiniteError(failure or "another rank's samples were NaN or inf; no samples written")
             chunk = fabric.all_gather(torch.from_numpy(images).to(device)).reshape(-1, *image_shape)[:size].cpu().numpy()
             if fabric.global_rank == 0:
