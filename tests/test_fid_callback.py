@@ -44,3 +44,21 @@ def test_fid_callback_logs_val_fid_in_a_tiny_run(tmp_path):
     assert all(r["nll_bpd"] > 0 for r in records)
     assert len(list((tmp_path / "cache").iterdir())) == 1  # real features computed once, then read from the cache
     assert any(p.name.startswith("step_") for p in (output_dir / "checkpoints").iterdir())
+
+
+def test_fid_callback_defaults_to_the_shipped_classifier_for_its_data(tmp_path):
+    """classifier_path=null on Fashion-MNIST: the shipped weights, by their hash; elsewhere the one-line error."""
+    import pytest
+    from types import SimpleNamespace
+
+    from diffusion_lab.callbacks.fid import FID
+    from diffusion_lab.metrics.extractors import ClassifierFeatures, SHIPPED_CLASSIFIERS, weights_hash
+    from diffusion_lab.utils.errors import ConfigError
+
+    module = SimpleNamespace(run_config={"data": {"dataset": "fashion_mnist", "image_size": 28, "channels": 1}})
+    callback = FID(dirpath=str(tmp_path))
+    callback.setup(None, module, "fit")
+    assert weights_hash(callback.scores.extractor) == weights_hash(ClassifierFeatures(str(SHIPPED_CLASSIFIERS["fashion_mnist"])))
+    module.run_config["data"] = {"dataset": "cifar10", "image_size": 32, "channels": 3}
+    with pytest.raises(ConfigError, match="classifier_path=null"):
+        FID(dirpath=str(tmp_path)).setup(None, module, "fit")

@@ -12,7 +12,7 @@ from diffusion_lab.callbacks.ema import averaged_or_current
 from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import split_images
-from diffusion_lab.metrics.extractors import build_extractor
+from diffusion_lab.metrics.extractors import build_extractor, shipped_classifier
 from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.models.diffusion_model import DiffusionModel
@@ -63,7 +63,10 @@ class FID(Callback):
         if self.nll_images:
             check_bound(pl_module.model)  # at the start, not at the first evaluation
         if self.scores is None:
-            extractor = build_extractor(*self.extractor_args)
+            extractor_name, weights_path, classifier_path = self.extractor_args
+            if extractor_name == "classifier" and classifier_path is None:  # the shipped one, where it fits the data
+                classifier_path = shipped_classifier(pl_module.run_config.get("data", {}))
+            extractor = build_extractor(extractor_name, weights_path, classifier_path)
             self.scores = SampleScores(extractor, ("fid", "kid") if self.kid else ("fid",))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
