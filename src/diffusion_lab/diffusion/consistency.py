@@ -20,21 +20,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.edm import karras_sigmas, unit_alpha_denoiser
 from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
-from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.samplers.sampling import Denoiser
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("karras",)
 NOISE_SAMPLINGS = ("uniform", "lognormal")
 EstimatePrevious = Callable[[Tensor, Tensor, Tensor, Tensor, dict], Tensor]  # (x_next, sigma_next, sigma, z, net_kwargs) -> x_hat
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, num_scales: int) -> Tensor:
-    """sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N, float64
-    ascending (Song et al. 2023, App. C; Karras et al. 2022, Eq. 5)."""
-    ramp = torch.linspace(0, 1, num_scales, dtype=torch.float64)
-    inv_rho = 1 / rho
-    return (sigma_min**inv_rho + ramp * (sigma_max**inv_rho - sigma_min**inv_rho)) ** rho
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -162,19 +155,7 @@ class Consistency(Process):
         self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
         class_labels: Tensor | None = None,
     ) -> Denoiser:
-        """(x, alpha, sigma) -> DenoiserOutput: x_0 = f(x / alpha, sigma / alpha), eps = (x / alpha - x_0) / (sigma /
-        alpha). Clipping (clip_denoised; off by default) recomputes eps."""
+        """`edm.unit_alpha_denoiser` over the consistency function (no clipping by default)."""
         clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        network = GuidedNetwork(net, guidance_scale, class_labels)
-
-        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
-            level = (sigma / alpha).expand(x.shape[0])
-            x_e = x / broadcast(alpha, x)
-            x0 = self.consistency_function(network, x_e, level)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            network.remember(x0)
-            return DenoiserOutput(x0, (x_e - x0) / broadcast(level, x))
-
-        return denoise
+        return unit_alpha_denoiser(self.consistency_function, GuidedNetwork(net, guidance_scale, class_labels),
+                                   clip_denoised)

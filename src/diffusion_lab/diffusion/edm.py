@@ -11,6 +11,8 @@ Sampling: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_
 with the EDM sampler (`sampler=edm`, Alg. 2) or any other.
 """
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -19,6 +21,33 @@ from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("karras",)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, num_scales: int) -> Tensor:
+    """sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N, float64
+    ascending (Karras et al. 2022, Eq. 5; Song et al. 2023, App. C)."""
+    ramp = torch.linspace(0, 1, num_scales, dtype=torch.float64)
+    inv_rho = 1 / rho
+    return (sigma_min**inv_rho + ramp * (sigma_max**inv_rho - sigma_min**inv_rho)) ** rho
+
+
+def unit_alpha_denoiser(denoise: Callable[[GuidedNetwork, Tensor, Tensor], Tensor], network: GuidedNetwork,
+                        clip_denoised: bool) -> Denoiser:
+    """(x, alpha, sigma) -> DenoiserOutput for a process with alpha = 1 whose x_0 estimate is `denoise(network, x,
+    sigma)` (EDM's D, the consistency function): x_0 = denoise(x / alpha, sigma / alpha), eps = (x / alpha - x_0) /
+    (sigma / alpha); clipping x_0 recomputes eps."""
+
+    def denoiser(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+        alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
+        level = (sigma / alpha).expand(x.shape[0])
+        x_e = x / broadcast(alpha, x)
+        x0 = denoise(network, x_e, level)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        network.remember(x0)
+        return DenoiserOutput(x0, (x_e - x0) / broadcast(level, x))
+
+    return denoiser
 
 
 class EDM(Process):
@@ -91,9 +120,7 @@ class EDM(Process):
                               f"{', '.join(SPACINGS)} (rho-spaced sigmas, process.rho)")
         if not isinstance(steps, int) or steps < 2:
             raise ConfigError(f"sampler.steps={steps} must be an integer >= 2 for process edm (sigma_max to sigma_min)")
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        inv_rho = 1 / self.rho
-        sigmas = (self.sigma_max**inv_rho + ramp * (self.sigma_min**inv_rho - self.sigma_max**inv_rho)) ** self.rho
+        sigmas = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps).flip(0)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return torch.ones_like(sigmas), sigmas
 
@@ -101,19 +128,6 @@ class EDM(Process):
         self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
         class_labels: Tensor | None = None,
     ) -> Denoiser:
-        """(x, alpha, sigma) -> DenoiserOutput: x_0 = D(x / alpha; sigma / alpha), eps = (x / alpha - x_0) /
-        (sigma / alpha). Clipping (clip_denoised; off by default, as the paper) recomputes eps."""
+        """`unit_alpha_denoiser` over D (off by default, as the paper: no clipping)."""
         clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        network = GuidedNetwork(net, guidance_scale, class_labels)
-
-        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
-            level = (sigma / alpha).expand(x.shape[0])
-            x_e = x / broadcast(alpha, x)
-            x0 = self.denoise(network, x_e, level)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            network.remember(x0)
-            return DenoiserOutput(x0, (x_e - x0) / broadcast(level, x))
-
-        return denoise
+        return unit_alpha_denoiser(self.denoise, GuidedNetwork(net, guidance_scale, class_labels), clip_denoised)
