@@ -4,26 +4,13 @@ loss-by-timestep callback encodes, and metrics=[nll] refuses in one line (the th
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from conftest import CONFIGS, run_script
+from conftest import run_script
 from test_fid_callback import classifier_checkpoint
+from test_latent import compose_run
 from tiny_run import image_folder
 
 from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.models.diffusion_model import DiffusionModel
-
-
-def compose_run(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose("train.yaml", overrides=[
-            *overrides, "data=folder", "data.image_size=8", "data.channels=1", "data.batch_size=8", "data.val_size=8",
-            "trainer.accelerator=cpu", "trainer.max_steps=2", "trainer.max_epochs=-1", "trainer.limit_val_batches=1",
-            "trainer.val_check_interval=2", "logger=csv", "callbacks.rich_progress_bar=null",
-            "callbacks.model_summary=null", "+trainer.enable_progress_bar=false", f"paths.output_dir={output_dir}",
-        ])
 
 
 def test_latent_run_callbacks_decode_and_encode_and_nll_refuses(tmp_path, monkeypatch):
@@ -48,7 +35,7 @@ def test_latent_run_callbacks_decode_and_encode_and_nll_refuses(tmp_path, monkey
     model = objects["module"].model
     assert model.latent and model.sample_shape == (2, 4, 4)
     assert scored_shapes and all(shape == (1, 8, 8) for shape in scored_shapes)  # decoded images, not 2x4x4 latents
-    assert encoded_shapes.count((1, 8, 8)) >= 2 + 1  # the training steps and the loss-by-timestep figure encode
+    assert encoded_shapes.count((1, 8, 8)) >= 3 + 1  # the 3 training steps and the loss-by-timestep figure encode
     assert list((tmp_path / "ldm").rglob("loss_by_timestep_*.png"))
 
     result = run_script("sample.py", [f"ckpt_path={tmp_path / 'ldm' / 'checkpoints' / 'last.ckpt'}", "metrics=[nll]",

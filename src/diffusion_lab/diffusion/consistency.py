@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.edm import karras_sigmas, unit_alpha_denoiser
+from diffusion_lab.diffusion.edm import karras_sigmas, precondition, unit_alpha_denoiser
 from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
 from diffusion_lab.samplers.sampling import Denoiser
 from diffusion_lab.utils.errors import ConfigError
@@ -94,9 +94,7 @@ class Consistency(Process):
 
     def consistency_function(self, network, x: Tensor, sigma: Tensor, **net_kwargs) -> Tensor:
         """f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) for per-sample sigma (B,) float64, in x's dtype."""
-        c_skip, c_out, c_in, c_noise = self.scalings(sigma)
-        output = network(broadcast(c_in, x) * x, c_noise.to(x.dtype), **net_kwargs)
-        return broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+        return precondition(network, x, self.scalings(sigma), **net_kwargs)
 
     def sample_index(self, sigmas: Tensor, batch: int, generator: torch.Generator) -> Tensor:
         """n (B,) in 0..N-2, the lower level of the pair (sigma_n, sigma_{n+1}), by `noise_sampling`."""

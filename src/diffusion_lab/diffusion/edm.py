@@ -31,6 +31,14 @@ def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, num_scales: in
     return (sigma_min**inv_rho + ramp * (sigma_max**inv_rho - sigma_min**inv_rho)) ** rho
 
 
+def precondition(network, x: Tensor, scalings: tuple[Tensor, Tensor, Tensor, Tensor], **net_kwargs) -> Tensor:
+    """c_skip x + c_out F(c_in x, c_noise) for per-sample scalings (B,) float64, in x's dtype: EDM's D (Table 1),
+    and the consistency function with its own c_skip, c_out (Song et al. 2023, App. C)."""
+    c_skip, c_out, c_in, c_noise = scalings
+    output = network(broadcast(c_in, x) * x, c_noise.to(x.dtype), **net_kwargs)
+    return broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+
+
 def unit_alpha_denoiser(denoise: Callable[[GuidedNetwork, Tensor, Tensor], Tensor], network: GuidedNetwork,
                         clip_denoised: bool) -> Denoiser:
     """(x, alpha, sigma) -> DenoiserOutput for a process with alpha = 1 whose x_0 estimate is `denoise(network, x,
@@ -90,9 +98,7 @@ class EDM(Process):
 
     def denoise(self, network, x: Tensor, sigma: Tensor) -> Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for per-sample sigma (B,) float64, in x's dtype."""
-        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        output = network(broadcast(c_in, x) * x, c_noise.to(x.dtype))
-        return broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+        return precondition(network, x, self.preconditioning(sigma))
 
     def training_losses(
         self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
