@@ -2,13 +2,15 @@
 
     python -m diffusion_lab.data.prepare data=folder data.root=DIR out=SHARDS [data.image_size=N] [num_workers=N]
     python -m diffusion_lab.data.prepare data=cifar10 out=SHARDS
+    python -m diffusion_lab.data.prepare data=hf data.root=DIR out=SHARDS     # a datasets.Dataset.save_to_disk folder
+    python -m diffusion_lab.data.prepare data=cifar10 first_stage=AE.ckpt out=LATENTS   # latents: see data/latents.py
 
 Each image is resized (short side) and center-cropped to data.image_size (null: kept as it is, which needs one
 square size for all), stored as uint8 (C, H, W) with its label by `litdata.optimize` (progress bar included).
 Splits: `val` holds the data.val_size images ImageDataModule holds out, `train` the rest (in that held-out
 permutation's order, so every chunk mixes the classes), `test` the data set's test split (a folder has none).
 Stopped (Ctrl-C, a bad file), the same command goes on where it stopped: finished splits are kept and litdata's
-checkpoints resume the unfinished one from its last written chunk.
+checkpoints resume the unfinished one from its last written chunk (latents: the unfinished split is encoded again).
 """
 
 import ctypes
@@ -25,24 +27,28 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 from torch import Tensor
 
-from diffusion_lab.data import datasets
+from diffusion_lab.data import datasets, hf, latents
 from diffusion_lab.data.image_datamodule import held_out
 from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
 from diffusion_lab.utils.cli import one_line_errors
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 
-SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder")
+SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder", "hf")
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 ConfigStore.instance().store(name="prepare", node={
-    "defaults": ["_self_", {"data": "fashion_mnist"}, {"paths": "default"},
+    "defaults": ["_self_", {"data": "fashion_mnist"}, {"paths": "default"}, {"trainer": None},
                  {"override hydra/job_logging": "disabled"}, {"override hydra/hydra_logging": "disabled"}],
     "out": "???",  # the shards folder to write (local; copy it to object storage afterwards if wanted)
     "num_workers": 4,  # processes that decode and write; a resumed run must use the same number
     "chunk_bytes": "64MB",  # litdata's chunk size: each DDP rank and loader worker streams whole chunks
     "seed": 0,  # unused here: the data configs interpolate it
+    "first_stage": None,  # an autoencoder checkpoint or a diffusers VAE folder: write its latents (data/latents.py)
+    "latent_dtype": "float16",  # float16 | float32: how the latents' posterior moments are stored
+    "batch_size": 64,  # images per encoder call on each device
+    "device": "auto",  # where one process encodes (auto | cpu | cuda | cuda:N); trainer=ddp trainer.devices=N: N ranks
     "hydra": {"run": {"dir": "."}, "output_subdir": None},
 })
 
@@ -56,6 +62,12 @@ def array_sample(index: int, images: Tensor, labels: Tensor, image_size: int) ->
     if image.shape[-2:] != (image_size, image_size):
         image = datasets.resize_crop(image, image_size)
     return {"image": image.numpy(), "label": int(labels[index])}
+
+
+def hf_sample(index: int, dataset, image_column: str, label_column: str | None, image_size: int, channels: int,
+              resize: bool) -> dict:
+    label = int(dataset[index][label_column]) if label_column is not None else 0
+    return {"image": hf.row_image(dataset, index, image_column, image_size, channels, resize).numpy(), "label": label}
 
 
 def folder_image_size(files: list[str]) -> int:
@@ -86,6 +98,18 @@ def plan(data: DictConfig) -> tuple[dict, dict]:
         fns = {"train": functools.partial(folder_sample, files=files, labels=labels, image_size=image_size,
                                           channels=data.channels)}
         sizes, num_classes, extra = {"train": len(files)}, len(classes), {"classes": classes}
+    elif data.dataset == "hf":
+        splits = hf.load_splits(data.root)
+        for split in splits.values():
+            hf.check_columns(split, data.image_column, data.label_column)
+        image_size = image_size or hf.pil_image(splits["train"], 0, data.image_column).width
+        fns = {split: functools.partial(hf_sample, dataset=dataset, image_column=data.image_column,
+                                        label_column=data.label_column, image_size=image_size, channels=data.channels,
+                                        resize=data.image_size is not None)
+               for split, dataset in splits.items()}
+        sizes = {split: len(dataset) for split, dataset in splits.items()}
+        classes = hf.class_names(splits["train"], data.label_column)
+        num_classes, extra = (len(classes), {"classes": classes}) if classes else (data.num_classes, {})
     else:
         loaded = {split: getattr(datasets, data.dataset)(data.root, split == "train") for split in ("train", "test")}
         channels, size = loaded["train"][0].shape[1], loaded["train"][0].shape[-1]
@@ -150,39 +174,76 @@ def optimize(**kwargs) -> None:
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
+def write_images(split: str, fn, indices: list[int], out_dir: Path, cfg: DictConfig) -> None:
+    """One split of images through `litdata.optimize` (cfg.num_workers processes, resumable from its last chunk)."""
+    try:
+        optimize(fn=fn, inputs=indices, output_dir=str(out_dir), chunk_bytes=cfg.chunk_bytes,
+                 num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
+    except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
+        raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
+                          "command again, it goes on from the last chunk written") from error
+
+
+def previous_meta(out: Path, settings: dict) -> dict | None:
+    """The prepared.json already in `out` (None: a new or empty folder); ConfigError if it has other settings."""
+    if not (out / META_FILE).is_file():
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"out={out} is not empty and holds no {META_FILE}; choose an empty or new folder")
+        return None
+    previous = json.loads((out / META_FILE).read_text())
+    keys = (settings.keys() | previous.keys()) - {"complete"}
+    differ = [key for key in keys if previous.get(key) != settings.get(key)]
+    if differ:
+        raise ConfigError(f"out={out} holds shards prepared with other settings ({', '.join(sorted(differ))}); "
+                          "choose another out, or delete it to start again")
+    return previous
+
+
 def prepare(cfg: DictConfig) -> dict:
-    """Write (or finish writing) the shards of `cfg.data` into `cfg.out`; returns the prepared.json written."""
+    """Write (or finish writing) the shards of `cfg.data` into `cfg.out`, images or (cfg.first_stage) their latents;
+    returns the prepared.json written."""
     if is_url(cfg.out):
         raise ConfigError(f"out={cfg.out} must be a local folder; copy it to object storage once written")
     out = Path(cfg.out)
     settings, jobs = plan(cfg.data)
-    settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
-    if (out / META_FILE).is_file():
-        previous = json.loads((out / META_FILE).read_text())
-        keys = (settings.keys() | previous.keys()) - {"complete"}
-        differ = [key for key in keys if previous.get(key) != settings.get(key)]
-        if differ:
-            raise ConfigError(f"out={out} holds shards prepared with other settings ({', '.join(sorted(differ))}); "
-                              "choose another out, or delete it to start again")
-        if previous.get("complete"):
-            print(f"{out} is already prepared: {previous['splits']}")
-            return previous
-    elif out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out={out} is not empty and holds no {META_FILE}; choose an empty or new folder")
-    write_meta(out, {**settings, "complete": False})
+    fabric = None
+    if cfg.first_stage:  # every rank (one per device) runs what follows; only rank 0 writes prepared.json
+        from diffusion_lab.sample import launch
+
+        fabric = launch(cfg)
+        first_stage, config = latents.load_first_stage(cfg.first_stage, settings["image_shape"])
+        first_stage.to(fabric.device)
+        settings |= {"latents": latents.latent_record(first_stage, config, cfg.first_stage, cfg.latent_dtype),
+                     "chunk_bytes": cfg.chunk_bytes}
+        write = functools.partial(latents.encode_split, fabric, first_stage, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, dtype=cfg.latent_dtype, chunk_bytes=cfg.chunk_bytes)
+    else:
+        settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
+    previous = previous_meta(out, settings)
+    if previous is not None and previous.get("complete"):
+        print(f"{out} is already prepared: {previous['splits']}")
+        return previous
+    rank_zero = fabric is None or fabric.global_rank == 0
+    if fabric is not None:
+        fabric.barrier()  # every rank has read prepared.json before rank 0 writes it
+    if rank_zero:
+        write_meta(out, {**settings, "complete": False})
+        if fabric is not None:
+            latents.save_first_stage(first_stage, config, out / latents.FIRST_STAGE_FILE)
     for split, (fn, indices) in jobs.items():
         if (out / split / "index.json").is_file():
-            print(f"{split}: already written")
+            if rank_zero:
+                print(f"{split}: already written")
             continue
-        print(f"{split}: {len(indices)} images into {out / split}")
-        try:
-            optimize(fn=fn, inputs=indices, output_dir=str(out / split), chunk_bytes=cfg.chunk_bytes,
-                     num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
-        except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
-            raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
-                              "command again, it goes on from the last chunk written") from error
+        if rank_zero:
+            print(f"{split}: {len(indices)} {'latents' if fabric else 'images'} into {out / split}")
+        if fabric is None:
+            write_images(split, fn, indices, out / split, cfg)
+        else:
+            write(fn, indices, out / split)
     meta = {**settings, "complete": True}
-    write_meta(out, meta)
+    if rank_zero:
+        write_meta(out, meta)
     return meta
 
 

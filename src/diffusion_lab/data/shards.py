@@ -29,9 +29,10 @@ def split_dir(root: str, split: str) -> str:
     return f"{root.rstrip('/')}/{split}"
 
 
-def read_meta(root: str) -> dict:
-    """The `prepared.json` of a shards folder; one ConfigError line when there is none, when `prepare` has not
-    finished writing it, or when it is of another format version."""
+def read_meta(root: str, samples: str | None = "images") -> dict:
+    """The `prepared.json` of a shards folder of `samples` (images | latents | None: either); one ConfigError line
+    when there is none, when `prepare` has not finished writing it, when it is of another format version or holds
+    the other kind."""
     prepare = f"make them with python -m diffusion_lab.data.prepare data=<source> out={root}"
     try:
         if is_url(root):
@@ -51,6 +52,11 @@ def read_meta(root: str) -> dict:
                           f"code reads version {FORMAT_VERSION}; {prepare}")
     if not meta.get("complete"):
         raise ConfigError(f"data.root={root} is only partly prepared; run the prepare command again to finish it")
+    held = "latents" if "latents" in meta else "images"
+    if samples is not None and held != samples:
+        choice = {"images": "data=shards", "latents": "data=latent_shards"}[held]
+        raise ConfigError(f"data.root={root} holds {held} (prepared {'with' if held == 'latents' else 'without'} "
+                          f"first_stage=), not {samples}; read them with {choice}")
     return meta
 
 
@@ -93,10 +99,12 @@ class ShardsDataModule(ImageDataModule):
     """ImageDataModule over prepared shards: the training split streams (`ImageShards` through litdata's
     StreamingDataLoader, whose `state_dict` Lightning saves in every checkpoint, so a resumed run goes on at the
     first sample not trained on, mid-epoch included); the validation split (`val_size` images, fixed by prepare)
-    and the test split are read into memory, as `UInt8ImageDataset`s. A folder has no test split: its held-out
-    validation images serve as both. Flips and per-rank seeds are ImageDataModule's."""
+    and the test split are read into memory, as `UInt8ImageDataset`s (val_size: only the first that many validation
+    images). A folder has no test split: its held-out validation images serve as both. Flips and per-rank seeds are
+    ImageDataModule's."""
 
     DATASETS = ("shards",)
+    SAMPLES = "images"  # what the shards hold (read_meta)
 
     def __init__(
         self,
@@ -111,10 +119,14 @@ class ShardsDataModule(ImageDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         cache_dir: str | None = None,
+        val_size: int | None = None,
     ):
-        self.meta = read_meta(root)
+        self.meta = read_meta(root, self.SAMPLES)
+        if val_size is not None and (not isinstance(val_size, int) or val_size < 1):
+            raise ConfigError(f"data.val_size={val_size} must be an integer >= 1, or null (all of prepare's)")
         super().__init__("shards", root, image_size, channels, batch_size, num_workers, random_flip,
-                         self.meta["splits"]["val"], num_classes, conditional, seed, pin_memory)
+                         min(val_size or self.meta["splits"]["val"], self.meta["splits"]["val"]), num_classes,
+                         conditional, seed, pin_memory)
         shape = (channels, image_size, image_size)
         if tuple(self.meta["image_shape"]) != shape:
             c, h, w = self.meta["image_shape"]
@@ -136,7 +148,7 @@ class ShardsDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.train_set = self.shards("train", shuffle=True)
-            self.val_set = UInt8ImageDataset(*self.shards("val").uint8)
+            self.val_set = UInt8ImageDataset(*(part[: self.val_size] for part in self.shards("val").uint8))
         if stage in ("test", None) and self.test_set is None:
             self.test_set = UInt8ImageDataset(*self.split(train=False).uint8)
 

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from diffusion_lab.data.image_datamodule import step_seed
+from diffusion_lab.data.latent_shards import LatentShardsDataModule
 from diffusion_lab.models.components.autoencoder_kl import DiagonalGaussian
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import upgrade_checkpoint
@@ -25,7 +26,8 @@ class DiffusionModule(LightningModule):
     `log_every_n_steps` and before any checkpoint is written, so none holds it.
     `cache_latents` (latent diffusion): encode the training and validation images once at the start of fit (the
     posterior moments, so z is still sampled per step) and train from those; random flips then act on the latent
-    moments, which the encoder's convolutions make a close but not exact stand-in for flipping the images."""
+    moments, which the encoder's convolutions make a close but not exact stand-in for flipping the images.
+    `data=latent_shards` gives such moments from the start (encoded once by prepare): the encoder never runs."""
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class DiffusionModule(LightningModule):
         self.model = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed, self.run_config, self.cache_latents = seed, run_config or {}, cache_latents
+        self.batches_of_moments = cache_latents  # batches hold posterior moments (mean, logvar), not images
         self._first_nonfinite_step: Tensor | None = None  # -1 while every loss is finite
 
     def _generator(self, *purpose: int | str) -> torch.Generator:
@@ -49,7 +52,7 @@ class DiffusionModule(LightningModule):
 
     def _losses(self, batch: tuple[Tensor, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor]:
         inputs, labels = batch
-        if self.cache_latents:  # the batch holds posterior moments (mean, logvar) of the images
+        if self.batches_of_moments:
             x0 = self.model.first_stage.scale_factor * DiagonalGaussian(inputs).sample(generator)
         else:
             x0 = self.model.encode(inputs, generator)
@@ -100,7 +103,13 @@ class DiffusionModule(LightningModule):
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
-        if self.cache_latents:
+        if isinstance(self.trainer.datamodule, LatentShardsDataModule):
+            if self.cache_latents:
+                raise ConfigError("module.cache_latents=true encodes images, but data=latent_shards holds latents "
+                                  "already; drop module.cache_latents")
+            self.trainer.datamodule.check_first_stage(self.model)
+            self.batches_of_moments = True
+        elif self.cache_latents:
             datamodule = self.trainer.datamodule
             datamodule.train_set = self.encode_dataset(datamodule.train_set)
             datamodule.val_set = self.encode_dataset(datamodule.val_set)

@@ -33,6 +33,15 @@ def diffusers_vae(path: str, image_size: int) -> dict:
     return first_stage_config(path, image_size)
 
 
+def shards_image(root: str, key: str) -> int:
+    """`${shards_image:ROOT,size}` / `${shards_image:ROOT,channels}`: the image size or channels of the images the shards
+    at ROOT were prepared from (their prepared.json; data=latent_shards: the shape its latents decode to)."""
+    from diffusion_lab.data.shards import read_meta
+
+    channels, size, _ = read_meta(root, samples=None)["image_shape"]
+    return {"size": size, "channels": channels}[key]
+
+
 def scale_beta(beta: float, timesteps: int) -> float:
     """`${scale_beta:BETA,T}` = min(BETA * 1000 / T, 0.999): Ho et al.'s betas (1e-4..0.02) are for T = 1000; scaled
     so, alpha_bar_T stays near 0 at any T (Nichol & Dhariwal 2021, improved-diffusion `get_named_beta_schedule`;
@@ -49,5 +58,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("wandb_mode", wandb_mode)
     if not OmegaConf.has_resolver("first_stage"):
         OmegaConf.register_new_resolver("first_stage", first_stage, use_cache=True)
+    if not OmegaConf.has_resolver("shards_image"):
+        OmegaConf.register_new_resolver("shards_image", shards_image, use_cache=True)
     if not OmegaConf.has_resolver("diffusers_vae"):
         OmegaConf.register_new_resolver("diffusers_vae", diffusers_vae, use_cache=True)
