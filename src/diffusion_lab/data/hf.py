@@ -111,11 +111,12 @@ class HFDataModule(ImageDataModule):
 
     DATASETS = ("hf",)
 
-    def __init__(self, root: str, image_size: int, channels: int, batch_size: int = 128, num_workers: int = 0,
-                 random_flip: bool = True, val_size: int = 1000, num_classes: int = 10, conditional: bool = False,
-                 seed: int = 0, pin_memory: bool = False, image_column: str = "image", label_column: str | None = "label"):
-        super().__init__("hf", root, image_size, channels, batch_size, num_workers, random_flip, val_size, num_classes,
-                         conditional, seed, pin_memory)
+    def __init__(self, dataset: str, root: str, image_size: int, channels: int, batch_size: int = 128,
+                 num_workers: int = 0, random_flip: bool = True, val_size: int = 1000, num_classes: int = 10,
+                 conditional: bool = False, seed: int = 0, pin_memory: bool = False, image_column: str = "image",
+                 label_column: str | None = "label"):
+        super().__init__(dataset, root, image_size, channels, batch_size, num_workers, random_flip, val_size,
+                         num_classes, conditional, seed, pin_memory)
         self.image_column, self.label_column = image_column, label_column
 
     def split(self, train: bool) -> HFImages:
