@@ -1,7 +1,7 @@
 """Latents encoded once (`prepare ... first_stage=PATH`, data/latents.py) and stage 2 on them (`data=latent_shards`):
 the cached latents equal a fresh encode; stage 2 trains with the encoder never run, resumes exactly and its
-checkpoint samples alone; latents of another shape or first stage are one clear line; 2 encoding ranks write the
-same shards as one."""
+checkpoint samples alone; latents of another shape or first stage are one clear line; 2 encoding ranks (gloo) write
+the same latents, in the same order, as one."""
 
 import json
 import shutil
@@ -182,6 +182,6 @@ def test_two_encoding_ranks_write_the_same_latents_as_one(folder, latents, autoe
     assert "on 2 process(es)" in result.stdout
     two, one = LatentShardsDataModule(str(tmp_path / "out"), 8, 1), LatentShardsDataModule(str(latents), 8, 1)
     assert len(list((tmp_path / "out" / "train").glob("chunk-1-*.bin"))) >= 1  # rank 1 wrote its own chunks
-    for train in (True, False):
-        assert torch.equal(two.split(train).moments, one.split(train).moments)
+    for train in (True, False):  # in the split's order; equal up to float32 rounding (other batch compositions)
+        torch.testing.assert_close(two.split(train).moments, one.split(train).moments, rtol=1e-5, atol=1e-6)
         assert torch.equal(two.split(train).labels, one.split(train).labels)
