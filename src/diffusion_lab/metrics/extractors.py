@@ -1,10 +1,21 @@
-"""Feature extractors for FID / KID / precision-recall: uint8 images (B, C, H, W) -> features (B, D).
+"""Feature extractors for FID / KID / precision-recall / IS / sFID: uint8 images (B, C, H, W) -> features (B, D).
 
-- `inception`: the 2048-d pool features of the FID Inception-v3 (Heusel et al. 2017), torch-fidelity's port of
-  the TensorFlow graph as torchmetrics uses it; grayscale is repeated to 3 channels.
+Each has a `name`, `outputs` ({output: dimension}; `features` is what FID, KID and precision-recall compare) and
+`forward_outputs(images)` giving all of them from one pass; grayscale is repeated to 3 channels where the network
+takes RGB.
+
+- `inception`: torch-fidelity's port of the TensorFlow FID Inception-v3 (Heusel et al. 2017; the graph of ADM's
+  evaluator), its TF1 bilinear resize to 299 included: `features` the 2048-d pool_3, `logits_unbiased` for the
+  Inception Score, `spatial` for sFID.
+- `dinov2`: FD_DINOv2 (Stein et al. 2023, EDM2's default): the CLS token of DINOv2 ViT-L/14 after the final norm
+  (1024-d), with EDM2's preprocessing (`calculate_metrics.py`, after dgm-eval): bicubic antialiased resize to 224,
+  /255, ImageNet mean/std.
 - `classifier`: the penultimate pre-activation features of the project's own classifier trained on the data
   set (`python train.py experiment=feature_classifier`), for scoring with no download; the package ships one for
   Fashion-MNIST (metrics/weights/README.md), the default where no `classifier_path` is given.
+
+Inception and DINOv2 weights come from `metrics.weights_path`, else the torch hub cache; never a download (the
+machine may be offline).
 """
 
 import hashlib
@@ -12,13 +23,17 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_lab.metrics.dinov2 import DinoVisionTransformer
 from diffusion_lab.utils.errors import ConfigError
 
-EXTRACTORS = ("inception", "classifier")
+EXTRACTORS = ("inception", "dinov2", "classifier")
 SHIPPED_CLASSIFIERS = {"fashion_mnist": Path(__file__).parent / "weights" / "fashion_mnist_classifier.pt"}  # at 28x28x1
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -30,35 +45,96 @@ def weights_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def inception_cache() -> Path:
-    """Where torch-fidelity (through torchmetrics) keeps the FID Inception weights: the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+def hub_checkpoint(url: str) -> Path:
+    """Where `torch.hub.load_state_dict_from_url(url)` keeps its file: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+
+
+def weights_file(weights_path: str | None, url: str, network: str) -> str:
+    """`metrics.weights_path` if given (it must exist), else the torch hub cache's copy of `url`; ConfigError (one
+    line naming both places and the URL) when absent."""
+    if weights_path is not None:
+        if not Path(weights_path).is_file():
+            raise ConfigError(f"metrics.weights_path={weights_path} is not a file; download {url} there")
+        return str(weights_path)
+    if not hub_checkpoint(url).is_file():
+        raise ConfigError(f"the {network} weights are absent: looked in metrics.weights_path (null) and "
+                          f"{hub_checkpoint(url)}; download {url} to either, or use metrics.extractor=classifier")
+    return str(hub_checkpoint(url))
+
+
+def rgb(images: Tensor) -> Tensor:
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 class InceptionFeatures(nn.Module):
-    """FID Inception-v3 pool features (2048-d); weights from `weights_path`, else the torch hub cache (never a
-    download: the machine may be offline)."""
+    """FID Inception-v3 (torch-fidelity's `FeatureExtractorInceptionV3`), three outputs from one pass:
+    - `features`: pool_3, 2048-d (FID);
+    - `logits_unbiased`: pool_3 @ W of the 1008-way classifier, no bias, as improved-gan and ADM's evaluator feed the
+      Inception Score;
+    - `spatial`: ADM's `mixed_6/conv` (the 1x1 branch of Mixed_6d, after its ReLU), first 7 channels of the 17x17
+      map, flattened (H, W, C) as the TF tensor is: 2023-d (sFID, Nash et al. 2021)."""
 
     name = "inception"
+    outputs = {"features": 2048, "logits_unbiased": 1008, "spatial": 17 * 17 * 7}
     num_features = 2048
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise ConfigError(f"metrics.weights_path={weights_path} is not a file; download {INCEPTION_URL} there")
-        if weights_path is None and not inception_cache().is_file():
-            raise ConfigError(f"the FID Inception weights are absent: looked in metrics.weights_path (null) and "
-                              f"{inception_cache()}; download {INCEPTION_URL} to either, or use metrics.extractor=classifier")
-        self.inception = NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
-        )
+        path = weights_file(weights_path, INCEPTION_URL, "FID Inception")
+        try:
+            self.inception = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], path)
+        except Exception as error:  # not a state dict of this network
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"{path} is not the FID Inception weights ({first}); download {INCEPTION_URL}") from None
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        return super().train(False)  # never leaves evaluation mode (BatchNorm statistics stay fixed)
+
+    def forward_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        spatial = []
+        hook = self.inception.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: spatial.append(out))
+        try:
+            pool, logits = self.inception(rgb(images))
+        finally:
+            hook.remove()
+        return {"features": pool, "logits_unbiased": logits, "spatial": spatial[0][:, :7].permute(0, 2, 3, 1).flatten(1)}
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
-        return self.inception(images)
+        return self.forward_outputs(images)["features"]
+
+
+class DinoV2Features(nn.Module):
+    """FD_DINOv2 features: the CLS token of DINOv2 ViT-L/14 after the final norm (1024-d). Preprocessing as EDM2's
+    `DINOv2Detector` (resize_mode 'torch'): bicubic antialiased resize to 224 x 224, x / 255, (x - mean) / std with
+    ImageNet's mean and std."""
+
+    name = "dinov2"
+    input_size = 224
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        path = weights_file(weights_path, DINOV2_URL, "DINOv2 ViT-L/14")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ConfigError(f"{path} is not a readable weights file ({type(error).__name__}); download {DINOV2_URL}") from None
+        self.net = DinoVisionTransformer.from_state_dict(state, path)
+        self.num_features = self.net.embed_dim
+        self.outputs = {"features": self.num_features}
+
+    def train(self, mode: bool = True) -> "DinoV2Features":
+        return super().train(False)
+
+    def forward_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return {"features": self(images)}
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = F.interpolate(rgb(images).float(), size=(self.input_size,) * 2, mode="bicubic", antialias=True) / 255
+        mean, std = (torch.tensor(values, device=x.device).view(1, 3, 1, 1) for values in (IMAGENET_MEAN, IMAGENET_STD))
+        return self.net((x - mean) / std)
 
 
 class ClassifierFeatures(nn.Module):
@@ -86,9 +162,13 @@ class ClassifierFeatures(nn.Module):
         self.net.eval().requires_grad_(False)
         self.test_accuracy = record["test_accuracy"]
         self.num_features = self.net.feature_dim
+        self.outputs = {"features": self.num_features}
 
     def train(self, mode: bool = True) -> "ClassifierFeatures":
         return super().train(False)  # never leaves evaluation mode (BatchNorm statistics stay fixed)
+
+    def forward_outputs(self, images: Tensor) -> dict[str, Tensor]:
+        return {"features": self(images)}
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net.features(images.float() / 127.5 - 1)
@@ -99,6 +179,20 @@ def shipped_classifier(data_config: Mapping) -> str | None:
     path = SHIPPED_CLASSIFIERS.get(data_config.get("dataset"))
     native = data_config.get("image_size") == 28 and data_config.get("channels") == 1
     return str(path) if path is not None and native else None
+
+
+def classifier_path_for(options: Mapping, data_config: Mapping) -> str | None:
+    """`metrics.classifier_path`, else the shipped classifier of the data set; where `metrics.extractor=classifier`
+    has neither, ConfigError naming the command that trains one."""
+    path = options.get("classifier_path") or shipped_classifier(data_config)
+    if path is None and options.get("extractor") == "classifier":
+        name, size, channels = (data_config.get(key) for key in ("dataset", "image_size", "channels"))
+        raise ConfigError(
+            f"no classifier ships for data={name} at {size}x{size}x{channels} (shipped: {', '.join(SHIPPED_CLASSIFIERS)} "
+            f"at 28x28x1) and metrics.classifier_path=null; train one with `python train.py experiment=feature_classifier "
+            f"data={name}` and pass metrics.classifier_path=<its checkpoints/last.ckpt>, or use metrics.extractor=inception"
+        )
+    return path
 
 
 def ship_classifier(checkpoint_path: str, out_path: str, command: str) -> None:
@@ -114,6 +208,8 @@ def build_extractor(extractor: str, weights_path: str | None = None, classifier_
     """The extractor named by `metrics.extractor`."""
     if extractor == "inception":
         return InceptionFeatures(weights_path)
+    if extractor == "dinov2":
+        return DinoV2Features(weights_path)
     if extractor == "classifier":
         return ClassifierFeatures(classifier_path)
     raise ConfigError(f"metrics.extractor={extractor!r} is not an extractor; choose one of {', '.join(EXTRACTORS)}")
