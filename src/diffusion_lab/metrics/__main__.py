@@ -1,5 +1,5 @@
-"""Score any samples.npz: `python -m diffusion_lab.metrics SAMPLES.npz data=NAME [metrics=[fid,kid,prec_recall]]
-[metrics.extractor=...] [ref=STATS.npz | write_ref=STATS.npz] [output=metrics.json]`.
+"""Score any samples.npz: `python -m diffusion_lab.metrics SAMPLES.npz data=NAME [metrics=[fid,kid,prec_recall,is,sfid]]
+[metrics.extractor=inception|dinov2|classifier] [ref=STATS.npz | write_ref=STATS.npz] [output=metrics.json]`.
 
 Without `ref` the samples are compared with the data set's real split (metrics.real_split), and `write_ref` saves
 the real split's (mu, sigma); with `ref` the FID is taken against that file's statistics (reference_stats).
@@ -16,9 +16,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.metrics.evaluate import data_split, extractor_from, score_samples
-from diffusion_lab.metrics.extractors import shipped_classifier, weights_hash
+from diffusion_lab.metrics.extractors import classifier_path_for, weights_hash
 from diffusion_lab.metrics.real_features import extract_features, real_features
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
+from diffusion_lab.metrics.scores import SAMPLE_METRICS
 from diffusion_lab.utils.cli import one_line_errors
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
@@ -45,12 +46,13 @@ def load_samples(path: str | Path, data: DictConfig) -> torch.Tensor:
 def score(samples_path: str, cfg: DictConfig) -> dict:
     """The scores of samples.npz and their protocol (see module docstring)."""
     data, options = cfg.data, OmegaConf.to_container(cfg.metrics, resolve=True)
-    options["classifier_path"] = options.get("classifier_path") or shipped_classifier(data)
+    options["classifier_path"] = classifier_path_for(options, data)
     samples = load_samples(samples_path, data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.get("ref"):
-        if set(options) & {"kid", "prec_recall"}:
-            raise ConfigError("ref= gives the FID alone (statistics hold no features); drop kid / prec_recall")
+        others = [name for name in SAMPLE_METRICS if name in options and name != "fid"]
+        if others:
+            raise ConfigError(f"ref= gives the FID alone (statistics hold no features); drop {' / '.join(others)}")
         extractor = extractor_from(options)
         mu, sigma = read_stats(cfg.ref, extractor.name, weights_hash(extractor))
         fake = feature_stats(extract_features(extractor, samples, options["batch_size"], device))

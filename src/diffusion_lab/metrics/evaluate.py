@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from diffusion_lab.metrics.extractors import build_extractor, shipped_classifier
+from diffusion_lab.metrics.extractors import build_extractor, classifier_path_for, weights_hash
 from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
-from diffusion_lab.metrics.real_features import real_features
+from diffusion_lab.metrics.real_features import data_hash, real_features
 from diffusion_lab.metrics.scores import SAMPLE_METRICS, SampleScores
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
@@ -39,25 +39,28 @@ def extractor_from(options: Mapping) -> nn.Module:
 
 
 def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device: torch.device, seed: int = 0) -> dict:
-    """FID / KID / precision-recall (those of SAMPLE_METRICS present as keys of `options`) of uint8 samples
-    (N, C, H, W) against `real_images`, every sample scored once; the scores and their protocol."""
+    """FID / KID / precision-recall / IS / sFID (those of SAMPLE_METRICS present as keys of `options`) of uint8
+    samples (N, C, H, W) against `real_images`, every sample scored once; the scores and their protocol."""
     names = tuple(name for name in SAMPLE_METRICS if name in options)
     extractor = extractor_from(options)
-    real = real_features(extractor, real_images, Path(options["cache_dir"]).expanduser(), options["batch_size"], device)
-    kid = options.get("kid") or {}
-    prec_recall = options.get("prec_recall") or {}
-    scores = SampleScores(extractor, names, kid.get("subsets", 100), kid.get("subset_size", 1000), prec_recall.get("k", 3))
+    kid, prec_recall, inception_score = (options.get(name) or {} for name in ("kid", "prec_recall", "is"))
+    scores = SampleScores(extractor, names, kid.get("subsets", 100), kid.get("subset_size", 1000), prec_recall.get("k", 3),
+                          inception_score.get("splits", 10))
     scores = scores.to(device)
-    scores.add_real(real.features)
+    cache_dir = Path(options["cache_dir"]).expanduser()
+    for output in scores.real_inputs:
+        real = real_features(extractor, real_images, cache_dir, options["batch_size"], device, output)
+        scores.add_real(real.features, output)
     for batch in samples.split(options["batch_size"]):
         scores.update(batch)
     protocol = {
         "num_samples": len(samples),
         "real_split": options["real_split"],
         "real_size": len(real_images),
-        "real_data_hash": real.data_hash,
+        "real_data_hash": data_hash(real_images),
         "extractor": extractor.name,
-        "extractor_hash": real.extractor_hash,
+        "extractor_hash": weights_hash(extractor),
+        **({"is_splits": scores.metrics["is"].splits} if "is" in names else {}),
     }
     return {**scores.compute(seed), "protocol": protocol}
 
@@ -112,7 +115,7 @@ def write_scores(
     if "nll" in options:
         check_bound(model)  # before any sampling or scoring
     images, labels = data_split(data_config, options["real_split"])
-    options = {**options, "classifier_path": options.get("classifier_path") or shipped_classifier(data_config)}
+    options = {**options, "classifier_path": classifier_path_for(options, data_config)}
     result: dict[str, Any] = {}
     if needs_samples(options):
         scored = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), images, options, device, seed)
