@@ -289,6 +289,19 @@ def test_sample_py_and_the_metrics_command_score_fd_dinov2(dinov2_weights, tmp_p
     assert "statistics of extractor classifier" in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["metrics=[fid,is]", "metrics.extractor=dinov2"], "metrics=is needs the Inception logits_unbiased"),
+    (["metrics=[fid]", "metrics.extractor=dinov2", "metrics.weights_path=absent.pth"], "weights_path=absent.pth is not a file"),
+    (["metrics=[fid]", "metrics.extractor=classifier"], "train one with `python train.py experiment=feature_classifier data=folder`"),
+])
+def test_sample_py_refuses_a_scoring_it_cannot_do_before_sampling(dinov2_weights, tmp_path, overrides, message):
+    options = [f"metrics.weights_path={dinov2_weights}", *overrides, f"metrics.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sample(compose_sample([f"ckpt_path={folder_checkpoint(tmp_path)}", "num_samples=2", "batch_size=2", "device=cpu",
+                               *options, f"output_dir={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out" / "samples.npz").exists()
+
+
 @pytest.mark.slow  # 22 images through Inception-v3 at 299 px and a 2023-d Frechet distance on the CPU
 def test_sample_py_reports_is_and_sfid_with_the_inception_extractor(inception_weights, tmp_path):
     paths = sample(compose_sample([

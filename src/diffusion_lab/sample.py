@@ -16,7 +16,7 @@ from rich.progress import Progress
 
 from diffusion_lab.builders import build_model
 from diffusion_lab.generate import generate
-from diffusion_lab.metrics.evaluate import needs_samples, write_scores
+from diffusion_lab.metrics.evaluate import check_scoring, needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
@@ -128,6 +128,8 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     options = cfg.get("metrics")  # metrics=[fid,kid,prec_recall,nll]: see diffusion_lab.metrics.evaluate
     if options and "nll" in options:
         check_bound(model)  # before any sampling
+    if options:
+        check_scoring(options, data, cfg.num_samples)  # extractor, weights and metric choices, before any sampling
     if options and not needs_samples(options):  # metrics=[nll]: the bound needs no sampling
         if fabric.global_rank:
             return {}

@@ -99,6 +99,20 @@ def needs_samples(options: Mapping) -> bool:
     return any(name in options for name in SAMPLE_METRICS)
 
 
+def check_scoring(options: Mapping, data_config: Mapping, num_samples: int) -> None:
+    """Before any sampling: the selected sample metrics with their extractor (its weights loaded once and dropped), so
+    that a configuration error (absent weights, IS / sFID without Inception, too few samples for the IS splits) ends
+    the command in one line before a long sampling run rather than after it."""
+    if not needs_samples(options):
+        return
+    options = {**options, "classifier_path": classifier_path_for(options, data_config)}
+    splits = (options.get("is") or {}).get("splits", 10)
+    SampleScores(extractor_from(options), tuple(name for name in SAMPLE_METRICS if name in options), is_splits=splits)
+    if "is" in options and num_samples < splits:
+        raise ConfigError(f"num_samples={num_samples} is fewer than metrics.is.splits={splits}; the Inception Score "
+                          "needs at least one sample per split")
+
+
 def write_scores(
     options: Mapping,
     output_dir: Path,
