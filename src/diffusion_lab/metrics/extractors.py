@@ -109,7 +109,8 @@ class InceptionFeatures(nn.Module):
 class DinoV2Features(nn.Module):
     """FD_DINOv2 features: the CLS token of DINOv2 ViT-L/14 after the final norm (1024-d). Preprocessing as EDM2's
     `DINOv2Detector` (resize_mode 'torch'): bicubic antialiased resize to 224 x 224, x / 255, (x - mean) / std with
-    ImageNet's mean and std."""
+    ImageNet's mean and std. The ViT's width and depth are read from the file, so other dinov2 ViT/14 sizes load too;
+    FD_DINOv2 is ViT-L/14's, and the weights hash in the protocol says which was used."""
 
     name = "dinov2"
     input_size = 224
