@@ -97,6 +97,23 @@ def test_cached_latents_equal_a_fresh_encode(kind, folder, latents, autoencoder,
         assert torch.equal(latent_split.labels, image_split.labels)
 
 
+def test_a_stopped_encode_keeps_finished_splits_and_encodes_the_unfinished_one_again(folder, latents, autoencoder,
+                                                                                    tmp_path):
+    out = shutil.copytree(latents, tmp_path / "latents")
+    meta = json.loads((out / "prepared.json").read_text())
+    (out / "prepared.json").write_text(json.dumps(meta | {"complete": False}))
+    (out / "val" / "index.json").unlink()  # stopped after val's chunks were written, before its index
+    train_chunks = {path.name: path.stat().st_mtime_ns for path in (out / "train").glob("chunk-*.bin")}
+    overrides = [*FOLDER, f"data.root={folder}", "num_workers=0", "device=cpu", "latent_dtype=float32"]
+    prepare(prepare_config([*overrides, f"first_stage={autoencoder}", f"out={out}"]))
+    assert {path.name: path.stat().st_mtime_ns for path in (out / "train").glob("chunk-*.bin")} == train_chunks
+    again, straight = LatentShardsDataModule(str(out), 8, 1), LatentShardsDataModule(str(latents), 8, 1)
+    assert torch.equal(again.split(train=False).moments, straight.split(train=False).moments)
+    other = autoencoder_ckpt(tmp_path / "other.ckpt", seed=1)
+    with pytest.raises(ConfigError, match=r"holds shards prepared with other settings \(latents\)"):
+        prepare(prepare_config([*overrides, f"first_stage={other}", f"out={out}"]))
+
+
 def stage_two(latents: Path, output_dir: Path, max_steps: int = 4) -> list[str]:
     """The default experiment (DDPM, attention U-Net) shrunk, on the latent shards, under debug=fast."""
     return ["debug=fast", "data=latent_shards", f"data.root={latents}", "model.dim=8", "model.dim_mults=[1,2]",

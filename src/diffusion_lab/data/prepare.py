@@ -174,8 +174,9 @@ def optimize(**kwargs) -> None:
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-def write_images(split: str, fn, indices: list[int], out_dir: Path, cfg: DictConfig) -> None:
+def write_images(fn, indices: list[int], out_dir: Path, cfg: DictConfig) -> None:
     """One split of images through `litdata.optimize` (cfg.num_workers processes, resumable from its last chunk)."""
+    split = out_dir.name
     try:
         optimize(fn=fn, inputs=indices, output_dir=str(out_dir), chunk_bytes=cfg.chunk_bytes,
                  num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
@@ -219,6 +220,7 @@ def prepare(cfg: DictConfig) -> dict:
                                   num_workers=cfg.num_workers, dtype=cfg.latent_dtype, chunk_bytes=cfg.chunk_bytes)
     else:
         settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
+        write = functools.partial(write_images, cfg=cfg)
     previous = previous_meta(out, settings)
     if previous is not None and previous.get("complete"):
         print(f"{out} is already prepared: {previous['splits']}")
@@ -237,10 +239,7 @@ def prepare(cfg: DictConfig) -> dict:
             continue
         if rank_zero:
             print(f"{split}: {len(indices)} {'latents' if fabric else 'images'} into {out / split}")
-        if fabric is None:
-            write_images(split, fn, indices, out / split, cfg)
-        else:
-            write(fn, indices, out / split)
+        write(fn, indices, out / split)
     meta = {**settings, "complete": True}
     if rank_zero:
         write_meta(out, meta)
