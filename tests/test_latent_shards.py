@@ -180,12 +180,14 @@ def test_latents_of_another_shape_are_one_line_from_the_cli(latents, tmp_path):
     assert_one_line_error(result, "latents shape mismatch", "(2, 4, 4)", "(3, 4, 4)")
 
 
-def test_image_shards_and_latent_shards_are_not_mixed_up(folder, latents, tmp_path):
+def test_image_shards_latent_shards_and_first_stages_are_not_mixed_up(folder, latents, tmp_path):
     prepare(prepare_config([*FOLDER, f"data.root={folder}", f"out={tmp_path / 'images'}", "num_workers=1"]))
     with pytest.raises(ConfigError, match="holds images .* read them with data=shards"):
         LatentShardsDataModule(str(tmp_path / "images"), 8, 1)
     with pytest.raises(ConfigError, match="holds latents .* read them with data=latent_shards"):
         ShardsDataModule(str(latents), 8, 1)
+    with pytest.raises(ConfigError, match="first_stage=/nonexistent.ckpt does not exist"):
+        prepare(prepare_config([*FOLDER, f"data.root={folder}", "first_stage=/nonexistent.ckpt", f"out={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="holds latents, not images"):
         LatentShardsDataModule(str(latents), 8, 1).split(train=False).images  # nothing to score real images on
 

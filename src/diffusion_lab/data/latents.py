@@ -39,6 +39,9 @@ LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 def load_first_stage(path: str, image_shape: list[int]) -> tuple[FirstStage, dict]:
     """The frozen first stage at `path` (an autoencoder checkpoint file or a diffusers VAE folder) and its
     `first_stage` config, checked to encode images of `image_shape` (C, H, W)."""
+    if not Path(path).expanduser().exists():
+        raise ConfigError(f"first_stage={path} does not exist; give an autoencoder checkpoint of this project "
+                          "(experiment=autoencoder_*) or a diffusers AutoencoderKL folder (save_pretrained)")
     if Path(path).expanduser().is_dir():
         config = diffusers_vae.first_stage_config(path, image_shape[-1])
         first_stage = build_first_stage(config)
