@@ -3,11 +3,16 @@ optimizer, measured warm and alternating in one process; their ratio; forward FL
 this machine's matmul rate (measured in the same run) that training reaches; peak memory.
 
     python benchmarks/train_speed.py                                   # default experiment (unet_attn, batch 128)
+    python benchmarks/train_speed.py --against reference               # and the reference implementation, side by side
     python benchmarks/train_speed.py experiment=ddpm_cifar10 --precision bf16-mixed --peak-tflops 989
-    python benchmarks/train_speed.py --channels-last --compile --threads 2 data.batch_size=64
+    python benchmarks/train_speed.py channels_last=true --compile --threads 2 data.batch_size=64
 
 Positional arguments are Hydra overrides of configs/train.yaml. Data is random images of the configured shape, so
 only the network, the loss and the optimizer are timed; the Trainer runs without callbacks or loggers.
+`--against reference` adds a third loop, alternating with the other two: lucidrains' denoising-diffusion-pytorch
+(`pip install -e ".[bench]"`) `Unet(dim, dim_mults)` of the configured unet_attn under its `GaussianDiffusion`
+(eps objective, linear betas, the configured T, its L2 loss), as its README trains it, with the same optimizer,
+batch, threads and data.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import contextlib
 import resource
 import statistics
 import time
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
@@ -64,11 +70,50 @@ def rate(times: list[float], warmup: int, batch_size: int) -> float:
     return batch_size * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
+def reference_loop(cfg, device: torch.device, loader: DataLoader, autocast_dtype: torch.dtype | None,
+                   warmup: int) -> Callable[[], float]:
+    """A function that runs one pass over `loader` training denoising-diffusion-pytorch's Unet of the configured
+    unet_attn shape under its GaussianDiffusion and returns the images/s after the warm-up steps."""
+    if not cfg.model._target_.endswith(".UnetAttn"):
+        raise SystemExit(f"--against reference: the reference implements the attention U-Net only (model=unet_attn), "
+                         f"not {cfg.model._target_}")
+    try:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    except ImportError:
+        raise SystemExit('--against reference needs the reference implementation: pip install -e ".[bench]"') from None
+    unet = Unet(dim=cfg.model.dim, dim_mults=tuple(cfg.model.dim_mults), channels=cfg.data.channels,
+                attn_heads=cfg.model.attn_heads, attn_dim_head=cfg.model.attn_dim_head)
+    diffusion = GaussianDiffusion(unet, image_size=cfg.data.image_size, timesteps=cfg.schedule.timesteps,
+                                  objective="pred_noise", beta_schedule="linear", auto_normalize=False).to(device)
+    optimizer = instantiate(cfg.optimizer)(params=unet.parameters())
+    batch = next(iter(loader))[0][:1].to(device)
+    with FlopCounterMode(display=False) as counter:
+        unet(batch, torch.zeros(1, device=device))
+
+    def run() -> float:
+        stamps = []
+        for x0, _ in loader:
+            autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
+            with autocast:
+                loss = diffusion(x0.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sync(device)
+            stamps.append(time.perf_counter())
+        return rate(stamps, warmup, loader.batch_size)
+
+    run.params = sum(p.numel() for p in unet.parameters())
+    run.forward_flops = counter.get_total_flops()
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
     parser.add_argument("--precision", default="32-true", choices=list(AUTOCAST))
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--against", choices=["plain", "reference"], default="plain",
+                        help="reference: also time denoising-diffusion-pytorch on the same network shape")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (nn.Module.compile)")
     add_threads_argument(parser)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
@@ -80,11 +125,10 @@ def main() -> None:
     cfg = compose_train(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch_size, data = cfg.data.batch_size, cfg.data
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     autocast_dtype = AUTOCAST[args.precision]
 
     torch.manual_seed(0)
-    models = [build_model(cfg).to(device, memory_format=memory_format) for _ in range(2)]
+    models = [build_model(cfg).to(device) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     if args.compile:
         for model in models:
@@ -92,7 +136,6 @@ def main() -> None:
     params = sum(p.numel() for p in models[0].net.parameters())
 
     images = torch.rand(batch_size * (args.warmup + args.steps + 1), data.channels, data.image_size, data.image_size) * 2 - 1
-    images = images.contiguous(memory_format=memory_format)
     loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=batch_size,
                         drop_last=True, pin_memory=device.type == "cuda")
 
@@ -135,12 +178,16 @@ def main() -> None:
             stamps.append(time.perf_counter())
         return rate(stamps, args.warmup, batch_size)
 
+    reference_rate = reference_loop(cfg, device, loader, autocast_dtype, args.warmup) if args.against == "reference" else None
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    lightning_rates, plain_rates = [], []
+    lightning_rates, plain_rates, reference_rates = [], [], []
     for _ in range(args.rounds):
         lightning_rates.append(lightning_rate())
         plain_rates.append(plain_rate())
+        if reference_rate is not None:
+            reference_rates.append(reference_rate())
     matmul_dtype = autocast_dtype or torch.float32
     machine = matmul_rate(device, matmul_dtype, 8192 if device.type == "cuda" else 1024)
 
@@ -151,10 +198,15 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {cfg.model._target_.rsplit('.', 1)[-1]} ({params / 1e6:.2f}M params), batch {batch_size}, "
           f"{data.channels}x{data.image_size}x{data.image_size}, {name}, precision {args.precision}, "
-          f"channels_last {args.channels_last}, compile {args.compile}")
+          f"channels_last {bool(cfg.get('channels_last'))}, compile {args.compile}")
     print(f"  Trainer     {lightning:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in lightning_rates)})")
     print(f"  plain loop  {plain:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in plain_rates)})")
     print(f"  ratio Trainer / plain: {lightning / plain:.3f}")
+    if reference_rates:
+        reference = statistics.median(reference_rates)
+        print(f"  reference   {reference:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in reference_rates)}; "
+              f"{reference_rate.params / 1e6:.2f}M params, {reference_rate.forward_flops / 1e9:.3f} GFLOP/image)")
+        print(f"  ratio Trainer / reference: {lightning / reference:.3f}   plain / reference: {plain / reference:.3f}")
     print(f"  forward {forward_flops / 1e9:.3f} GFLOP/image; training {train_flops / 1e12:.3f} TFLOP/s = "
           f"{train_flops / machine:.1%} of this machine's {matmul_dtype} matmul rate ({machine / 1e12:.2f} TFLOP/s)"
           + (f", {train_flops / (args.peak_tflops * 1e12):.1%} of the stated {args.peak_tflops:g} TFLOP/s peak"

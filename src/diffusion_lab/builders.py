@@ -3,6 +3,7 @@
 import inspect
 from typing import Any
 
+import torch
 from hydra.utils import get_class, instantiate
 from torch import nn
 
@@ -57,11 +58,13 @@ def num_classes(cfg: Any) -> int | None:
 def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
     """The network of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs
     (as many as it takes without one: the autoencoder and the feature classifier) and, for class-conditional data,
-    the number of classes."""
+    the number of classes. `channels_last`: its 4-D weights in channels-last memory (N, H, W, C), which convolutions
+    then propagate to their outputs; the function computed is the same."""
     channels, image_size, _ = backbone_shape(cfg)
     out_channels = process.output_channels(channels) if process is not None else channels
-    return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
-                       num_classes=num_classes(cfg))
+    net = instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
+                      num_classes=num_classes(cfg))
+    return net.to(memory_format=torch.channels_last) if cfg.get("channels_last") else net
 
 
 def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
