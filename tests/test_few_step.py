@@ -21,6 +21,7 @@ from diffusion_lab.diffusion.reflow import coupled_losses, straightness
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.consistency_module import ConsistencyTrainingModule
 from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.models.reflow_module import ReflowModule
 from diffusion_lab.sample import load_model, sampler_config
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import DenoiserOutput
@@ -209,6 +210,44 @@ def test_reflow_runs_caches_its_pairs_and_its_checkpoint_samples(teachers, tmp_p
         run(tiny("reflow", images, tmp_path / "bad") + [f"teacher_ckpt={paths['edm']}"])
 
 
+def test_reflow_ranks_draw_disjoint_shards_and_read_the_same_pairs(teachers, tmp_path, one_thread):
+    """Under DDP each rank draws every world_size-th shard before the barrier; after it, every rank holds the pairs
+    a single process draws."""
+    _, paths = teachers
+    teacher = load_checkpoint(paths["flow"])
+
+    def module(pairs_dir):
+        return ReflowModule(load_model(teacher, "ema", torch.device("cpu")), torch.optim.Adam, teacher_ckpt=paths["flow"],
+                            teacher_sampler=Sampler("euler", 2, "uniform"), num_pairs=10, shard_size=4,
+                            pairs_dir=str(pairs_dir))
+
+    single = module(tmp_path / "single")
+    single.draw_pairs(0, 1, barrier=lambda: None)
+    shared, drawn_before_barrier = tmp_path / "shared", []
+    ranks = [module(shared) for _ in range(2)]
+    ranks[1].draw_pairs(1, 2, barrier=lambda: drawn_before_barrier.append(sorted(p.name for p in shared.glob("*.pt"))))
+    ranks[0].draw_pairs(0, 2, barrier=lambda: drawn_before_barrier.append(sorted(p.name for p in shared.glob("*.pt"))))
+    assert drawn_before_barrier == [["shard_00001.pt"], ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]]
+    for rank in ranks:
+        assert rank.pairs.keys() == single.pairs.keys()
+        for key in single.pairs:
+            assert torch.equal(rank.pairs[key], single.pairs[key]), key
+    assert single.pairs["noise"].shape == (10, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_reflow_resumes_exactly(teachers, tmp_path, one_thread):
+    """Stopped at step 2 and resumed to 4 in another folder (drawing its pairs again there): the same student, EMA
+    and optimizer state as a run never interrupted, bit for bit."""
+    images, paths = teachers
+    extra = [f"teacher_ckpt={paths['flow']}", "module.num_pairs=12", "module.shard_size=8", "module.teacher_sampler.steps=2"]
+    run(tiny("reflow", images, tmp_path / "straight", 4) + extra)
+    run(tiny("reflow", images, tmp_path / "first", 2) + extra)
+    run(tiny("reflow", images, tmp_path / "second", 4) + extra
+        + [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    assert_same_run(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "second"))
+
+
 def test_progressive_distillation_two_step_student_matches_the_four_step_teacher(one_thread):
     """One stage of Salimans & Ho 2022 (Alg. 2) from the exact teacher of N(MEAN, STD^2), v objective, cosine T = 64:
     the 2-step DDIM student lands nearer the teacher's 4-step DDIM output than the teacher's own 2 steps do."""
@@ -247,6 +286,10 @@ def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teach
         x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
         assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps
     assert load_checkpoint(out / "checkpoints" / "stage0_2steps.ckpt")["global_step"] == 1
+    # each stage starts a fresh optimizer: of the 3 steps, the last stage (from step 1 on) took 2
+    last = last_checkpoint(out)
+    assert last["global_step"] == 3
+    assert {int(state["step"]) for state in last["optimizer_states"][0]["state"].values()} == {2}
     with pytest.raises(ConfigError, match="must be divisible by module.teacher_steps=4"):
         run(tiny("progressive_distillation", images, tmp_path / "bad") + [
             f"teacher_ckpt={paths['edm']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])

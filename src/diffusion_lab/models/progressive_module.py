@@ -2,8 +2,10 @@
 steps each) trains a student of N_s = teacher_steps / 2^(s + 1) DDIM steps on the `trailing` grid of its own
 process against two steps of its teacher: the checkpoint of teacher_ckpt at stage 0 (any DDPM or EDM model, through
 its (x, alpha, sigma) denoiser), then the student of the stage before. Each finished stage writes
-`<output_dir>/checkpoints/stage{s}_{N_s}steps.ckpt`, whose config samples with its N_s steps. The teacher network of
-stages >= 1 and the stage index are saved (a resumed run continues exactly); the loaded teacher is not."""
+`<output_dir>/checkpoints/stage{s}_{N_s}steps.ckpt`, whose config samples with its N_s steps. Each stage starts a
+fresh optimizer state (Adam's moments and step count), as each stage of the paper is a new optimisation of the
+student from its teacher's weights. The teacher network of stages >= 1 and the stage index are saved (a resumed run
+continues exactly); the loaded teacher is not."""
 
 import copy
 from pathlib import Path
@@ -62,11 +64,14 @@ class ProgressiveDistillationModule(DiffusionModule):
         return self.checkpoint_dir / f"stage{stage}_{self.stage_steps[stage]}steps.ckpt"
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """At the first step of a new stage: write the finished stage's checkpoint; its student becomes the teacher."""
+        """At the first step of a new stage: write the finished stage's checkpoint; its student becomes the teacher,
+        and the optimizer starts afresh."""
         stage = int(self.stage)
         if stage < len(self.stage_steps) - 1 and self.global_step >= (stage + 1) * self.steps_per_stage:
             self.trainer.save_checkpoint(self.stage_path(stage))
             self.teacher_net.load_state_dict(self.model.net.state_dict())
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
             self.stage += 1
 
     def on_train_end(self) -> None:

@@ -1,9 +1,10 @@
 """Reflow (Liu et al. 2023): flow matching on (noise, sample) pairs that a rectified-flow teacher draws with its ODE.
 The pairs are drawn once, at the start of fit, and cached as torch.save shards under `pairs_dir` (the run folder), so
-a resumed run reuses them; the student (a flow-matching DiffusionModel, started from the teacher's weights) then
+a resumed run reuses them; under DDP each rank draws every world_size-th shard and then reads them all; the student (a flow-matching DiffusionModel, started from the teacher's weights) then
 trains on `diffusion.reflow.coupled_losses`. Repeating it with the student as teacher gives k-reflow."""
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -46,8 +47,15 @@ class ReflowModule(DiffusionModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.teacher.model.to(self.device)
-        shards = [self.shard(i, min(self.shard_size, self.num_pairs - start))
-                  for i, start in enumerate(range(0, self.num_pairs, self.shard_size))]
+        self.draw_pairs(self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
+
+    def draw_pairs(self, rank: int, world_size: int, barrier: Callable[[], None]) -> None:
+        """Rank `rank` draws (or finds) shards rank, rank + world_size, ...; after `barrier` every rank reads all."""
+        sizes = [min(self.shard_size, self.num_pairs - start) for start in range(0, self.num_pairs, self.shard_size)]
+        for index in range(rank, len(sizes), world_size):
+            self.shard(index, sizes[index])
+        barrier()
+        shards = [self.shard(index, size) for index, size in enumerate(sizes)]
         self.pairs = {key: torch.cat([shard[key] for shard in shards]) for key in ("noise", "samples", "labels")}
 
     @torch.no_grad()
