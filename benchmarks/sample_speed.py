@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from common import add_threads_argument, apply_threads, compose_train
-from diffusion_lab.builders import build_model
+from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.generate import generate
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import SAMPLERS, SamplerError
@@ -81,6 +81,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
+    to_memory_format(model.net, cfg.get("channels_last"), device)
     spacing = model.process.default_spacing
     shape = "x".join(map(str, model.sample_shape))
     print(f"model {cfg.model._target_.rsplit('.', 1)[-1]}, batch {args.batch_size}, {shape}, "

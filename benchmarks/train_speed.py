@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import add_threads_argument, apply_threads, compose_train
-from diffusion_lab.builders import build_model
+from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -68,6 +68,10 @@ class StepTimes(Callback):
 def rate(times: list[float], warmup: int, batch_size: int) -> float:
     """Images/s over the steps after `warmup`."""
     return batch_size * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
+
+
+def channels_last(net: torch.nn.Module) -> bool:
+    return any(p.dim() == 4 and not p.is_contiguous() for p in net.parameters())
 
 
 def reference_loop(cfg, device: torch.device, loader: DataLoader, autocast_dtype: torch.dtype | None,
@@ -129,6 +133,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     models = [build_model(cfg).to(device) for _ in range(2)]
+    for model in models:
+        to_memory_format(model.net, cfg.get("channels_last"), device)
     models[1].load_state_dict(models[0].state_dict())
     if args.compile:
         for model in models:
@@ -198,7 +204,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model {cfg.model._target_.rsplit('.', 1)[-1]} ({params / 1e6:.2f}M params), batch {batch_size}, "
           f"{data.channels}x{data.image_size}x{data.image_size}, {name}, precision {args.precision}, "
-          f"channels_last {bool(cfg.get('channels_last'))}, compile {args.compile}")
+          f"channels_last {cfg.get('channels_last')} ({'on' if channels_last(models[0].net) else 'off'}), compile {args.compile}")
     print(f"  Trainer     {lightning:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in lightning_rates)})")
     print(f"  plain loop  {plain:9.1f} img/s   (rounds: {', '.join(f'{r:.1f}' for r in plain_rates)})")
     print(f"  ratio Trainer / plain: {lightning / plain:.3f}")

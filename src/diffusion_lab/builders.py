@@ -58,13 +58,23 @@ def num_classes(cfg: Any) -> int | None:
 def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
     """The network of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs
     (as many as it takes without one: the autoencoder and the feature classifier) and, for class-conditional data,
-    the number of classes. `channels_last`: its 4-D weights in channels-last memory (N, H, W, C), which convolutions
-    then propagate to their outputs; the function computed is the same."""
+    the number of classes."""
     channels, image_size, _ = backbone_shape(cfg)
     out_channels = process.output_channels(channels) if process is not None else channels
-    net = instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
-                      num_classes=num_classes(cfg))
-    return net.to(memory_format=torch.channels_last) if cfg.get("channels_last") else net
+    return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
+                       num_classes=num_classes(cfg))
+
+
+def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: torch.device) -> nn.Module:
+    """`channels_last=true` puts the network's 4-D weights in channels-last memory (N, H, W, C), which convolutions
+    then propagate to their outputs: the same function, computed by other kernels. `auto` does so on a CPU, where
+    benchmarks/train_speed.py measured it faster, and not elsewhere (not measured); false (or absent, as in older
+    checkpoints) leaves the weights contiguous."""
+    if channels_last not in (True, False, None, "auto"):
+        raise ConfigError(f"channels_last={channels_last!r} must be true, false or auto")
+    if channels_last is True or (channels_last == "auto" and device.type == "cpu"):
+        net.to(memory_format=torch.channels_last)
+    return net
 
 
 def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:

@@ -14,7 +14,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from diffusion_lab.builders import build_model
+from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import check_scoring, needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
@@ -55,6 +55,7 @@ def load_model(checkpoint: dict, weights: str, device: torch.device) -> Diffusio
         model.load_state_dict(submodule_state(model_weights(checkpoint, weights), "model"))
     except RuntimeError as error:
         raise ConfigError(f"the checkpoint's weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
+    to_memory_format(model.net, checkpoint["config"].get("channels_last"), device)
     return model.to(device).eval()
 
 

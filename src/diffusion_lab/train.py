@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from diffusion_lab.builders import build_model, build_net
+from diffusion_lab.builders import build_model, build_net, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
@@ -206,6 +206,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    to_memory_format(model.net if diffusion else model, cfg.get("channels_last"), trainer.strategy.root_device)
     for logger in loggers:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
