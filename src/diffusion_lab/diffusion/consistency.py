@@ -10,14 +10,16 @@ rho-spaced discretisation (`karras_sigmas`) and minimises lambda(sigma_n) d(f_th
 f_target(x_hat_n, sigma_n)) with x_{n+1} = x_0 + sigma_{n+1} z and x_hat_n one step back along the ODE:
 - consistency distillation (CD, Song et al. Alg. 2): x_hat_n by a Heun step of a teacher (`heun_step`);
 - consistency training (CT, Alg. 3; iCT): x_hat_n = x_0 + sigma_n z with the same z (the unbiased estimate).
-d is the pseudo-Huber metric sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) and lambda = 1 / (sigma_{n+1} -
-sigma_n) (iCT, Sec. 3.3 and 3.5). Sampling: `sampler=consistency` (Alg. 1) over `sampling_grid`.
+d is the pseudo-Huber metric sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) (iCT, Sec. 3.3), or LPIPS on
+images resized to 224 (Song et al. 2023; `lpips_metric`), and lambda = 1 / (sigma_{n+1} - sigma_n) (iCT, Sec. 3.5).
+Sampling: `sampler=consistency` (Alg. 1) over `sampling_grid`.
 """
 
 import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.edm import karras_sigmas, precondition, unit_alpha_denoiser
@@ -28,11 +30,24 @@ from diffusion_lab.utils.errors import ConfigError
 SPACINGS = ("karras",)
 NOISE_SAMPLINGS = ("uniform", "lognormal")
 EstimatePrevious = Callable[[Tensor, Tensor, Tensor, Tensor, dict], Tensor]  # (x_next, sigma_next, sigma, z, net_kwargs) -> x_hat
+Metric = Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> per-sample distance (B,)
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     """Per-sample sqrt(||a - b||^2 + c^2) - c over all but the batch dimension (iCT, Sec. 3.3), in float32."""
     return ((a.float() - b.float()).pow(2).flatten(1).sum(1) + c**2).sqrt() - c
+
+
+def lpips_metric(lpips: nn.Module) -> Metric:
+    """d(a, b) = LPIPS(up(a), up(b)), up a bilinear resize to 224 x 224 of images narrower than 256 (Song et al. 2023,
+    their code's `cm/karras_diffusion.py`); `lpips` takes images in [-1, 1] (`metrics.lpips.LPIPS`)."""
+
+    def metric(a: Tensor, b: Tensor) -> Tensor:
+        if a.shape[-1] < 256:
+            a, b = (F.interpolate(v, size=224, mode="bilinear") for v in (a, b))
+        return lpips(a, b)
+
+    return metric
 
 
 def heun_step(teacher: Denoiser, x: Tensor, sigma_from: Tensor, sigma_to: Tensor) -> Tensor:
@@ -106,10 +121,12 @@ class Consistency(Process):
     def consistency_losses(
         self, net: nn.Module, target_net: nn.Module, x0: Tensor, generator: torch.Generator, num_scales: int,
         estimate_previous: EstimatePrevious | None = None, class_labels: Tensor | None = None,
+        metric: Metric | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample lambda(sigma_n) d(f_net(x_{n+1}, sigma_{n+1}), f_target(x_hat_n, sigma_n)), the target without
         gradient, over N = num_scales levels; x_hat_n = estimate_previous(x_{n+1}, sigma_{n+1}, sigma_n, z, net_kwargs)
-        (CD: a teacher's ODE step) or, when None, x_0 + sigma_n z (CT). Returns (loss (B,), n / (N - 2))."""
+        (CD: a teacher's ODE step) or, when None, x_0 + sigma_n z (CT); d = metric, or pseudo-Huber when None.
+        Returns (loss (B,), n / (N - 2))."""
         sigmas = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, num_scales).to(x0.device)
         n = self.sample_index(sigmas, x0.shape[0], generator)
         sigma, sigma_next = sigmas[n], sigmas[n + 1]
@@ -125,9 +142,13 @@ class Consistency(Process):
                 x_hat = estimate_previous(x_next, sigma_next, sigma, z, net_kwargs).to(x0.dtype)
             target = self.consistency_function(target_net, x_hat, sigma, **net_kwargs)
         prediction = self.consistency_function(net, x_next, sigma_next, **net_kwargs)
-        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         weight = (1 / (sigma_next - sigma)).float()
-        return weight * pseudo_huber(prediction, target, c), n.double() / max(num_scales - 2, 1)
+        if metric is None:
+            c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
+            distance = pseudo_huber(prediction, target, c)
+        else:
+            distance = metric(prediction, target)
+        return weight * distance, n.double() / max(num_scales - 2, 1)
 
     def training_losses(
         self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None

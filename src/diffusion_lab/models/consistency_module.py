@@ -1,8 +1,9 @@
 """Training a consistency model (process=consistency): distillation from a teacher (CD, Song et al. 2023, Alg. 2) and
 improved consistency training (iCT, Song & Dhariwal 2023). The math is `diffusion.consistency`; these modules hold
 what a process cannot: the target network theta^- (a submodule, saved, so a resumed run continues exactly), the
-teacher (frozen, reloaded from teacher_ckpt, never saved in the student's checkpoints) and the step count of the
-curriculum. The student is model.net under the Consistency process: its checkpoint samples like any other."""
+teacher (frozen, reloaded from teacher_ckpt, never saved in the student's checkpoints), the metric's network (LPIPS,
+frozen and reloaded from its files the same way) and the step count of the curriculum. The student is model.net
+under the Consistency process: its checkpoint samples like any other."""
 
 import copy
 import math
@@ -10,17 +11,23 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.consistency import Consistency, heun_step
+from diffusion_lab.diffusion.consistency import Consistency, Metric, heun_step, lpips_metric
+from diffusion_lab.metrics.lpips import LIN_URL, VGG16_URL, load_lpips
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.teacher import init_from_teacher, load_teacher
+from diffusion_lab.models.teacher import Frozen, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
+
+METRICS = ("pseudo_huber", "lpips")
 
 
 class ConsistencyModule(DiffusionModule):
     """model.net trained under the Consistency process against a target network theta^- <- stopgrad(mu theta^- +
-    (1 - mu) theta) after every optimizer step (Song et al. 2023, Alg. 2-3; target_decay mu = 0: the student itself)."""
+    (1 - mu) theta) after every optimizer step (Song et al. 2023, Alg. 2-3; target_decay mu = 0: the student itself).
+    metric: d of the loss, pseudo_huber (iCT) or lpips (Song et al. 2023), the latter from the files lpips_weights (the
+    linear layers) and vgg_weights (the VGG16; null: the torch hub cache's copy), see `metrics.lpips`."""
 
-    def __init__(self, model, *args, target_decay: float = 0.95, **kwargs):
+    def __init__(self, model, *args, target_decay: float = 0.95, metric: str = "pseudo_huber",
+                 lpips_weights: str | None = None, vgg_weights: str | None = None, **kwargs):
         super().__init__(model, *args, **kwargs)
         if not isinstance(model.process, Consistency):
             raise ConfigError(f"module {type(self).__name__} trains process=consistency, not process {model.process.name}")
@@ -30,6 +37,39 @@ class ConsistencyModule(DiffusionModule):
             raise ConfigError(f"module.target_decay={target_decay} must be in [0, 1)")
         self.target_decay = target_decay
         self.target_net = copy.deepcopy(model.net).requires_grad_(False) if target_decay > 0 else None
+        self.lpips = self.metric_network(metric, lpips_weights, vgg_weights)
+
+    def metric_network(self, metric: str, lpips_weights: str | None, vgg_weights: str | None) -> Frozen | None:
+        """The frozen LPIPS of metric=lpips, else None (pseudo-Huber); a one-line ConfigError for options that do not
+        fit."""
+        if metric not in METRICS:
+            raise ConfigError(f"module.metric={metric!r} is not allowed; choose one of {', '.join(METRICS)}")
+        if metric == "pseudo_huber":
+            if lpips_weights is not None or vgg_weights is not None:
+                raise ConfigError("module.lpips_weights and module.vgg_weights are read only with module.metric=lpips; "
+                                  "set it or drop them")
+            return None
+        if self.model.process.huber_c is not None:
+            raise ConfigError(f"process.huber_c={self.model.process.huber_c} is the pseudo-Huber constant, unused with "
+                              "module.metric=lpips; drop it")
+        if self.model.latent or self.model.sample_shape[0] not in (1, 3):
+            raise ConfigError(f"module.metric=lpips compares 1- or 3-channel images; this model's samples are "
+                              f"{'latents' if self.model.latent else 'images'} of shape {self.model.sample_shape}; "
+                              "use module.metric=pseudo_huber")
+        if not lpips_weights:
+            raise ConfigError(f"module.metric=lpips needs module.lpips_weights=PATH, the lpips package's "
+                              f"lpips/weights/v0.1/vgg.pth ({LIN_URL}), and torchvision's VGG16 {VGG16_URL} in the "
+                              "torch hub cache or at module.vgg_weights=PATH")
+        return Frozen(load_lpips(lpips_weights, vgg_weights))
+
+    def metric(self) -> Metric | None:
+        """d of the loss for `Consistency.consistency_losses`: None is its pseudo-Huber."""
+        return None if self.lpips is None else lpips_metric(self.lpips.model)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.lpips is not None:
+            self.lpips.model.to(self.device)
 
     def target(self):
         return self.model.net if self.target_net is None else self.target_net
@@ -69,7 +109,7 @@ class ConsistencyDistillationModule(ConsistencyModule):
 
         process = self.model.process
         return process.consistency_losses(self.model.net, self.target(), x0, generator, process.num_scales,
-                                          teacher_step, labels)
+                                          teacher_step, labels, self.metric())
 
 
 class ConsistencyTrainingModule(ConsistencyModule):
@@ -95,4 +135,5 @@ class ConsistencyTrainingModule(ConsistencyModule):
         x0 = self.model.encode(inputs, generator)
         labels = labels if self.model.conditional else None
         return self.model.process.consistency_losses(self.model.net, self.target(), x0, generator,
-                                                     self.num_scales(self.global_step), class_labels=labels)
+                                                     self.num_scales(self.global_step), class_labels=labels,
+                                                     metric=self.metric())
