@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from common import add_threads_argument, apply_threads, compose_train
+from common import add_threads_argument, apply_threads, compose_train, reference_diffusion
 from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.generate import generate
 from diffusion_lab.samplers import Sampler
@@ -39,17 +39,7 @@ def timed(run: Callable[[], object], device: torch.device) -> float:
 
 def against_reference(cfg, model, args, device: torch.device) -> None:
     """DDIM at --steps, this project against denoising-diffusion-pytorch, alternating --rounds times."""
-    if not cfg.model._target_.endswith(".UnetAttn") or cfg.process._target_.rsplit(".", 1)[-1] != "GaussianDiffusion":
-        raise SystemExit("--against reference: the reference implements DDPM with the attention U-Net only "
-                         "(model=unet_attn, process=gaussian)")
-    try:
-        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
-    except ImportError:
-        raise SystemExit('--against reference needs the reference implementation: pip install -e ".[bench]"') from None
-    unet = Unet(dim=cfg.model.dim, dim_mults=tuple(cfg.model.dim_mults), channels=cfg.data.channels,
-                attn_heads=cfg.model.attn_heads, attn_dim_head=cfg.model.attn_dim_head)
-    reference = GaussianDiffusion(unet, image_size=cfg.data.image_size, timesteps=cfg.schedule.timesteps,
-                                  sampling_timesteps=args.steps, objective="pred_noise", beta_schedule="linear").to(device).eval()
+    reference = reference_diffusion(cfg, sampling_timesteps=args.steps).to(device).eval()
     shape = (args.batch_size, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     sampler = Sampler("ddim", args.steps, model.process.default_spacing)  # as many network evaluations as the reference
     ours = lambda: generate(model, sampler, args.batch_size, args.batch_size)

@@ -28,7 +28,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import add_threads_argument, apply_threads, compose_train
+from common import add_threads_argument, apply_threads, compose_train, reference_diffusion
 from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
 
@@ -70,6 +70,22 @@ def rate(times: list[float], warmup: int, batch_size: int) -> float:
     return batch_size * (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
+def print_profile(run: Callable[[], float], device: torch.device, top: int) -> None:
+    """The `top` ops by self time (CPU, and CUDA on a GPU) over one call of `run`, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    print(f"  top {top} ops by {key} ({total / 1e6:.2f} s over one pass):")
+    for event in events[:top]:
+        print(f"    {event.key:40s} {getattr(event, key) / total:6.1%}  ({event.count} calls)")
+
+
 def channels_last(net: torch.nn.Module) -> bool:
     return any(p.dim() == 4 and not p.is_contiguous() for p in net.parameters())
 
@@ -78,17 +94,8 @@ def reference_loop(cfg, device: torch.device, loader: DataLoader, autocast_dtype
                    warmup: int) -> Callable[[], float]:
     """A function that runs one pass over `loader` training denoising-diffusion-pytorch's Unet of the configured
     unet_attn shape under its GaussianDiffusion and returns the images/s after the warm-up steps."""
-    if not cfg.model._target_.endswith(".UnetAttn"):
-        raise SystemExit(f"--against reference: the reference implements the attention U-Net only (model=unet_attn), "
-                         f"not {cfg.model._target_}")
-    try:
-        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
-    except ImportError:
-        raise SystemExit('--against reference needs the reference implementation: pip install -e ".[bench]"') from None
-    unet = Unet(dim=cfg.model.dim, dim_mults=tuple(cfg.model.dim_mults), channels=cfg.data.channels,
-                attn_heads=cfg.model.attn_heads, attn_dim_head=cfg.model.attn_dim_head)
-    diffusion = GaussianDiffusion(unet, image_size=cfg.data.image_size, timesteps=cfg.schedule.timesteps,
-                                  objective="pred_noise", beta_schedule="linear", auto_normalize=False).to(device)
+    diffusion = reference_diffusion(cfg, auto_normalize=False).to(device)
+    unet = diffusion.model
     optimizer = instantiate(cfg.optimizer)(params=unet.parameters())
     batch = next(iter(loader))[0][:1].to(device)
     with FlopCounterMode(display=False) as counter:
@@ -124,6 +131,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternations Trainer / plain loop")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's stated peak, for a second fraction")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="also print the top K ops by self time over one pass of the plain loop (torch.profiler)")
     args = parser.parse_args()
     apply_threads(args.threads)
     cfg = compose_train(args.overrides)
@@ -185,6 +194,8 @@ def main() -> None:
         return rate(stamps, args.warmup, batch_size)
 
     reference_rate = reference_loop(cfg, device, loader, autocast_dtype, args.warmup) if args.against == "reference" else None
+    if args.profile:
+        print_profile(plain_rate, device, args.profile)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
