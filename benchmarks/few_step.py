@@ -12,7 +12,7 @@ whose teacher must be a flow; consistency training (ct, iCT) has none. Students:
 sampler=consistency; pd runs 6 stages of student-steps / 6 optimizer steps from a 64-step teacher (32, 16, 8, 4, 2,
 1 steps) and each NFE samples the stage checkpoint of that many DDIM steps; reflow draws --reflow-pairs teacher
 pairs and samples with Euler. Every run is a `train.py` preset with EMA weights sampled; a rerun with the same --out
-continues a finished run (ckpt_path=auto). Writes `<out>/<name>/results.json` and `<out>/table.md`, whose rows give
+continues each run (ckpt_path=auto) and keeps the scores of a model already scored at the same step count. Writes `<out>/<name>/results.json` and `<out>/table.md`, whose rows give
 each model's training time (the teacher's not included in a student's).
 """
 
@@ -73,8 +73,16 @@ def write(name: str, result: dict, args) -> None:
     print(name, [f"{row['evaluations']} NFE: FD {row['fd']:.1f}" for row in result["rows"]], flush=True)
 
 
+def scored(name: str, steps: int, args) -> bool:
+    """Whether `<out>/<name>/results.json` holds the scores of this model at `steps` optimizer steps."""
+    path = args.out / name / "results.json"
+    return path.is_file() and json.loads(path.read_text())["steps"] == steps
+
+
 def teacher(name: str, args, test_images: torch.Tensor) -> Path:
     preset, (algorithm, spacing, options) = TEACHERS[name]
+    if scored(name, args.teacher_steps, args):
+        return args.out / name / "run" / "checkpoints" / "last.ckpt"
     run_dir, seconds = fit(name, [f"experiment={preset}"], args.teacher_steps, args)
     last = run_dir / "checkpoints" / "last.ckpt"
     rows = [fd(last, sampler_at(algorithm, spacing, options, nfe), args, test_images) for nfe in (10, 20, 50)]
@@ -84,6 +92,8 @@ def teacher(name: str, args, test_images: torch.Tensor) -> Path:
 
 def student(name: str, teacher_ckpt: Path | None, args, test_images: torch.Tensor) -> None:
     preset, _ = STUDENTS[name]
+    if scored(name, args.student_steps, args):
+        return
     overrides = [f"experiment={preset}"] + ([f"teacher_ckpt={teacher_ckpt}"] if teacher_ckpt else [])
     if name == "pd":
         overrides += [f"module.teacher_steps={PD_TEACHER_STEPS}", f"module.steps_per_stage={args.student_steps // PD_STAGES}"]
