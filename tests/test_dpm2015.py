@@ -211,7 +211,7 @@ def test_fid_callback_reports_the_processes_own_bound(tmp_path):
     from types import SimpleNamespace
 
     from diffusion_lab.callbacks.fid import FID
-    from diffusion_lab.data.image_datamodule import step_seed
+    from diffusion_lab.utils.seeding import step_seed
     from diffusion_lab.metrics.nll import variational_bound
 
     process = make_process(8)

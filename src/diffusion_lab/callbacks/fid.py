@@ -9,16 +9,16 @@ from hydra.utils import instantiate
 from lightning import Callback, LightningModule, Trainer
 
 from diffusion_lab.callbacks.ema import averaged_or_current
-from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import split_images
 from diffusion_lab.metrics.extractors import build_extractor, shipped_classifier
 from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
 from diffusion_lab.metrics.real_features import real_features
-from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.metrics.scores import SampleScores
+from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.seeding import step_seed
 
 
 class FID(Callback):

@@ -8,9 +8,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion_lab.callbacks.ema import averaged_or_current
-from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.metrics.loss_by_timestep import loss_by_timestep, save_loss_by_timestep
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.seeding import step_seed
 
 
 class LossByTimestep(Callback):

@@ -1,7 +1,6 @@
 """`ImageDataModule`: train / validation / test splits of an image data set, scaled to [-1, 1]."""
 
 import functools
-import hashlib
 from typing import Callable
 
 import torch
@@ -11,15 +10,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from diffusion_lab.data import datasets
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.seeding import step_seed
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
-
-
-def step_seed(*parts: int | str) -> int:
-    """A 63-bit seed that is a pure function of its parts (seed, rank, step, purpose): training randomness
-    drawn from it is the same whether or not a run was interrupted and resumed."""
-    digest = hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 DECODE_LIMIT_BYTES = 4 * 2**30  # the most a lazy split's `images` decodes into memory

@@ -18,12 +18,12 @@ from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
-from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL, FirstStage
 from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.media import save_grid, to_uint8
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
+from diffusion_lab.utils.media import save_grid, to_uint8
+from diffusion_lab.utils.seeding import step_seed
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 

@@ -8,13 +8,13 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.data.latent_shards import LatentShardsDataModule
 from diffusion_lab.models.components.autoencoder_kl import DiagonalGaussian
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import upgrade_checkpoint
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
+from diffusion_lab.utils.seeding import step_seed
 
 
 class DiffusionModule(LightningModule):

@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.data.image_datamodule import step_seed
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.reflow import coupled_losses
 from diffusion_lab.models.diffusion_module import DiffusionModule
@@ -17,6 +16,7 @@ from diffusion_lab.models.teacher import init_from_teacher, load_teacher
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.seeding import step_seed
 
 
 class ReflowModule(DiffusionModule):
