@@ -65,7 +65,7 @@ def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
                        num_classes=num_classes(cfg))
 
 
-def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: torch.device) -> nn.Module:
+def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: torch.device) -> None:
     """`channels_last=true` puts the network's 4-D weights in channels-last memory (N, H, W, C), which convolutions
     then propagate to their outputs: the same function, computed by other kernels. `auto` does so on a CPU, where
     benchmarks/train_speed.py measured it faster, and not elsewhere (not measured); false (or absent, as in older
@@ -74,7 +74,6 @@ def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: t
         raise ConfigError(f"channels_last={channels_last!r} must be true, false or auto")
     if channels_last is True or (channels_last == "auto" and device.type == "cpu"):
         net.to(memory_format=torch.channels_last)
-    return net
 
 
 def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
