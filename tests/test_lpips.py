@@ -1,9 +1,9 @@
-"""LPIPS (metrics.lpips) against the reference lpips package on the same random weights, read from files in the
-real layouts (torchvision's vgg16-397923af.pth, the lpips package's v0.1/vgg.pth) through the project's loader; a
+"""LPIPS (metrics.lpips: the lpips package's network, filled from files) on random weights written in the real layouts (torchvision's vgg16-397923af.pth, the lpips package's v0.1/vgg.pth) through the project's loader; a
 tiny consistency-distillation run with module.metric=lpips; and the one-line errors for missing or wrong files."""
 
 from pathlib import Path
 
+import lpips
 import pytest
 import torch
 
@@ -17,7 +17,6 @@ from diffusion_lab.sample import load_model
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
 
-lpips = pytest.importorskip("lpips")  # the reference (pip install -e ".[dev]")
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,20 @@ def weights(tmp_path_factory):
     return reference, root / "vgg.pth", root / "vgg16-397923af.pth"
 
 
-def test_lpips_equals_the_reference_package(weights, one_thread):
-    """d(x, y) of ours equals lpips.LPIPS(net='vgg') (v0.1) on random image pairs in [-1, 1]; grayscale is compared
-    as the reference sees it, repeated to RGB."""
+def test_lpips_holds_the_files_weights_and_is_the_packages_distance(weights, one_thread):
+    """The loaded network holds every VGG16 and linear weight of the two files where the lpips package keeps them
+    (features.N -> net.sliceK.N, linK.model.1 -> lins.K.model.1), so it gives the reference's distances on random
+    pairs in [-1, 1]; grayscale is scored as the reference sees it, repeated to RGB."""
     reference, lin_path, vgg_path = weights
     ours = load_lpips(str(lin_path), str(vgg_path))
+    vgg, lins = torch.load(vgg_path, weights_only=True), torch.load(lin_path, weights_only=True)
+    loaded = ours.network.state_dict()
+    for name, value in vgg.items():
+        index = int(name.split(".")[1])
+        k = next(k for k, end in enumerate((4, 9, 16, 23, 30), 1) if index < end)
+        assert torch.equal(loaded[f"net.slice{k}.{name.removeprefix('features.')}"], value), name
+    for k in range(5):
+        assert torch.equal(loaded[f"lins.{k}.model.1.weight"], lins[f"lin{k}.model.1.weight"]), k
     generator = torch.Generator().manual_seed(1)
     for shape in ((3, 3, 64, 64), (2, 1, 48, 48)):
         x, y = (torch.rand(shape, generator=generator) * 2 - 1 for _ in range(2))
@@ -67,8 +75,8 @@ def test_the_lpips_packages_own_linear_layers_file_loads(weights):
     shipped = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     state = torch.load(shipped, map_location="cpu")
     ours = load_lpips(str(shipped), str(vgg_path))
-    for k, lin in enumerate(ours.lins):
-        assert torch.equal(lin.weight, state[f"lin{k}.model.1.weight"])
+    for k, lin in enumerate(ours.network.lins):
+        assert torch.equal(lin.model[1].weight, state[f"lin{k}.model.1.weight"])
 
 
 @pytest.fixture(scope="module")
