@@ -52,10 +52,9 @@ class ReflowModule(DiffusionModule):
     def draw_pairs(self, rank: int, world_size: int, barrier: Callable[[], None]) -> None:
         """Rank `rank` draws (or finds) shards rank, rank + world_size, ...; after `barrier` every rank reads all."""
         sizes = [min(self.shard_size, self.num_pairs - start) for start in range(0, self.num_pairs, self.shard_size)]
-        for index in range(rank, len(sizes), world_size):
-            self.shard(index, sizes[index])
+        own = {index: self.shard(index, sizes[index]) for index in range(rank, len(sizes), world_size)}
         barrier()
-        shards = [self.shard(index, size) for index, size in enumerate(sizes)]
+        shards = [own[index] if index in own else self.shard(index, size) for index, size in enumerate(sizes)]
         self.pairs = {key: torch.cat([shard[key] for shard in shards]) for key in ("noise", "samples", "labels")}
 
     @torch.no_grad()
