@@ -9,8 +9,8 @@ same batch, scored by Frechet distance (the project classifier's features, 5000 
 Teachers: EDM (experiment=edm_fashion_mnist; sampled with sampler=edm) for consistency distillation (cd) and
 progressive distillation (pd), rectified flow (experiment=rectified_flow_fashion_mnist; sampler=heun) for reflow,
 whose teacher must be a flow; consistency training (ct, iCT) has none. Students: cd and ct sample with
-sampler=consistency; pd runs 6 stages of student-steps / 6 optimizer steps from a 64-step teacher (32, 16, 8, 4, 2,
-1 steps) and each NFE samples the stage checkpoint of that many DDIM steps; reflow draws --reflow-pairs teacher
+sampler=consistency; pd, in its teacher's EDM parameterisation, runs 6 stages of student-steps / 6 optimizer steps
+from a 64-step teacher (32, 16, 8, 4, 2, 1 steps) and each NFE samples the stage checkpoint of that many DDIM steps; reflow draws --reflow-pairs teacher
 pairs and samples with Euler. Every run is a `train.py` preset with EMA weights sampled; a rerun with the same --out
 continues each run (ckpt_path=auto) and keeps the scores of a model already scored at the same step count. Writes `<out>/<name>/results.json` and `<out>/table.md`, whose rows give
 each model's training time (the teacher's not included in a student's).
@@ -39,7 +39,7 @@ TEACHERS = {"edm": ("edm_fashion_mnist", ("edm", "karras", {})),
             "rectified_flow": ("rectified_flow_fashion_mnist", ("heun", "uniform", {}))}
 STUDENTS = {  # name -> (preset, teacher or None)
     "cd": ("consistency_distillation", "edm"),
-    "pd": ("progressive_distillation", "edm"),
+    "pd": ("progressive_distillation_edm", "edm"),
     "reflow": ("reflow", "rectified_flow"),
     "ct": ("consistency_training", None),
 }

@@ -13,7 +13,9 @@ from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import image_folder, tiny_overrides
 from toy_models import gaussian_denoiser, gaussian_ode_solution
 
+from diffusion_lab.builders import build_model
 from diffusion_lab.diffusion.consistency import Consistency, heun_step
+from diffusion_lab.diffusion.edm import EDM
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
@@ -21,6 +23,7 @@ from diffusion_lab.diffusion.reflow import coupled_losses, straightness
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.consistency_module import ConsistencyTrainingModule
 from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.models.progressive_module import ProgressiveDistillationModule
 from diffusion_lab.models.reflow_module import ReflowModule
 from diffusion_lab.sample import load_model, sampler_config
 from diffusion_lab.samplers import Sampler
@@ -125,12 +128,15 @@ def tiny(experiment: str, images, output_dir, steps: int = 2) -> list[str]:
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """Tiny EDM, DDPM (T = 20) and rectified-flow teachers (2 steps each) on a folder of 8x8 images."""
+    """Tiny EDM, DDPM (eps, linear T = 20; v, cosine T = 8) and rectified-flow teachers (2 steps each) on a folder of
+    8x8 images."""
     root = tmp_path_factory.mktemp("teachers")
     images = image_folder(root / "images")
     paths = {}
     for name, experiment, extra in (("edm", "edm_fashion_mnist", []), ("flow", "rectified_flow_fashion_mnist", []),
-                                    ("ddpm", "ddpm_fashion_mnist", ["schedule.timesteps=20"])):
+                                    ("ddpm", "ddpm_fashion_mnist", ["schedule.timesteps=20"]),
+                                    ("ddpm_v", "ddpm_fashion_mnist", ["process.objective=v", "schedule=cosine",
+                                                                      "schedule.timesteps=8"])):
         run(tiny(experiment, images, root / name) + extra)
         paths[name] = root / name / "checkpoints" / "last.ckpt"
     return images, paths
@@ -248,12 +254,21 @@ def test_reflow_resumes_exactly(teachers, tmp_path, one_thread):
     assert_same_run(last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "second"))
 
 
-def test_progressive_distillation_two_step_student_matches_the_four_step_teacher(one_thread):
-    """One stage of Salimans & Ho 2022 (Alg. 2) from the exact teacher of N(MEAN, STD^2), v objective, cosine T = 64:
-    the 2-step DDIM student lands nearer the teacher's 4-step DDIM output than the teacher's own 2 steps do."""
-    process = GaussianDiffusion(beta_schedule("cosine", 64), objective="v")
+PD_PROCESSES = {  # the student's process, and its backbone's time scale for PixelMLP
+    "gaussian_v": (lambda: GaussianDiffusion(beta_schedule("cosine", 64), objective="v"), 64.0),
+    "edm": (lambda: EDM(sigma_data=0.5), 1.0),
+}
+
+
+@pytest.mark.parametrize("process_name", PD_PROCESSES)
+def test_progressive_distillation_two_step_student_matches_the_four_step_teacher(process_name, one_thread):
+    """One stage of Salimans & Ho 2022 (Alg. 2) from the exact teacher of N(MEAN, STD^2), in the v parameterisation
+    (cosine T = 64) and in EDM's: the 2-step DDIM student lands nearer the teacher's 4-step DDIM output than the
+    teacher's own 2 steps do."""
+    make_process, time_scale = PD_PROCESSES[process_name]
+    process = make_process()
     teacher = gaussian_denoiser(MEAN, STD)
-    net = PixelMLP(seed=0, time_scale=64)
+    net = PixelMLP(seed=0, time_scale=time_scale)
     optimizer = torch.optim.Adam(net.parameters(), 3e-3)
     generator = torch.Generator().manual_seed(0)
     teacher_grid, student_grid = process.sampling_grid(4, "trailing"), process.sampling_grid(2, "trailing")
@@ -264,24 +279,84 @@ def test_progressive_distillation_two_step_student_matches_the_four_step_teacher
         loss.mean().backward()
         optimizer.step()
     probe = torch.randn(2048, 1, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    teacher_4 = Sampler("ddim", 4, "trailing")(teacher, probe, *teacher_grid)
-    teacher_2 = Sampler("ddim", 2, "trailing")(teacher, probe, *student_grid)
-    student_2 = Sampler("ddim", 2, "trailing")(process.denoiser(net, False), probe, *student_grid)
+    start = lambda grid: probe * (grid[0][0] ** 2 + grid[1][0] ** 2).sqrt()  # noqa: E731 (x_T's std, as sample())
+    teacher_4 = Sampler("ddim", 4, "trailing")(teacher, start(teacher_grid), *teacher_grid)
+    teacher_2 = Sampler("ddim", 2, "trailing")(teacher, start(student_grid), *student_grid)
+    student_2 = Sampler("ddim", 2, "trailing")(process.denoiser(net, False), start(student_grid), *student_grid)
     student_error, teacher_error = (student_2 - teacher_4).abs().mean(), (teacher_2 - teacher_4).abs().mean()
-    print(f"|x - teacher's 4 steps|: student 2 steps {student_error:.4f}, teacher 2 steps {teacher_error:.4f}")
+    print(f"{process_name}: |x - teacher's 4 steps|: student 2 steps {student_error:.4f}, teacher 2 steps {teacher_error:.4f}")
     assert student_error < teacher_error / 4
 
 
-def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teachers, tmp_path, one_thread):
+@pytest.mark.parametrize("process_name", PD_PROCESSES)
+def test_progressive_distillation_grids_nest(process_name):
+    """The trailing grid of N steps is every other point of the 2N-step grid, from the highest noise level to the
+    data, so that a student's step spans exactly two of its teacher's."""
+    process = PD_PROCESSES[process_name][0]()
+    for steps in (1, 2, 4, 8):
+        alphas, sigmas = process.sampling_grid(steps, "trailing")
+        fine_alphas, fine_sigmas = process.sampling_grid(2 * steps, "trailing")
+        assert len(sigmas) == steps + 1 and sigmas[-1] == 0 and alphas[-1] == 1
+        torch.testing.assert_close(sigmas, fine_sigmas[::2], rtol=0, atol=0)
+        torch.testing.assert_close(alphas, fine_alphas[::2], rtol=0, atol=0)
+    assert EDM().sampling_grid(1, "trailing")[1].tolist() == [80.0, 0.0]
+
+
+def pd_module(path, teacher_steps: int = 4):
+    """A progressive-distillation module whose student has the teacher checkpoint's own config (backbone, process,
+    schedule)."""
+    model = build_model(OmegaConf.create(load_checkpoint(path)["config"]))
+    return ProgressiveDistillationModule(model, torch.optim.Adam, teacher_ckpt=str(path), teacher_steps=teacher_steps,
+                                         steps_per_stage=1)
+
+
+@pytest.mark.parametrize("teacher", ["edm", "ddpm_v"])
+def test_progressive_distillation_student_starts_as_its_real_teacher(teachers, teacher):
+    """From a trained EDM (or v DDPM) checkpoint, the stage-0 student is its teacher: the same x_0 at every level of
+    the teacher's grid. (A v-objective DDPM student on EDM weights, the design that failed on Fashion-MNIST, is not.)"""
+    _, paths = teachers
+    module = pd_module(paths[teacher], teacher_steps=8 if teacher == "ddpm_v" else 4)
+    module.eval()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    alphas, sigmas = module.model.process.sampling_grid(8 if teacher == "ddpm_v" else 4, "trailing")
+    for alpha, sigma in zip(alphas[:-1], sigmas[:-1]):
+        ours = module.model.denoiser(False)(x * (alpha**2 + sigma**2).sqrt().float(), alpha, sigma).x0
+        theirs = module.teacher.model.denoiser(False)(x * (alpha**2 + sigma**2).sqrt().float(), alpha, sigma).x0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # the teacher loads channels-last on a CPU
+
+
+@pytest.mark.parametrize("experiment, teacher, extra", [
+    ("progressive_distillation", "edm", ["schedule.timesteps=8"]),  # a v-objective DDPM student of an EDM teacher
+    ("progressive_distillation", "ddpm", ["schedule.timesteps=20"]),  # an eps teacher of a v student
+    ("progressive_distillation", "ddpm_v", ["schedule=linear", "schedule.timesteps=8"]),  # another beta schedule
+    ("progressive_distillation_edm", "ddpm_v", []),  # an EDM student of a DDPM teacher
+    ("progressive_distillation_edm", "edm", ["process.sigma_data=1.0"]),  # another sigma_data
+])
+def test_progressive_distillation_of_another_parameterisation_is_one_config_error_line(teachers, tmp_path, experiment,
+                                                                                       teacher, extra):
+    images, paths = teachers
+    with pytest.raises(ConfigError, match="reads differently") as error:
+        run(tiny(experiment, images, tmp_path / "bad") + [
+            f"teacher_ckpt={paths[teacher]}", "module.teacher_steps=4", "sampler.steps=2", *extra])
+    assert "\n" not in str(error.value)
+
+
+PD_TEACHERS = {"edm": ("progressive_distillation_edm", []),
+               "ddpm_v": ("progressive_distillation", ["schedule.timesteps=8"])}
+
+
+@pytest.mark.parametrize("teacher", PD_TEACHERS)
+def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teachers, teacher, tmp_path, one_thread):
     images, paths = teachers
     out = tmp_path / "pd"
-    run(tiny("progressive_distillation", images, out, 3) + [
-        f"teacher_ckpt={paths['edm']}", "schedule.timesteps=8", "module.teacher_steps=4", "module.steps_per_stage=1",
-        "sampler.steps=2"])
+    experiment, extra = PD_TEACHERS[teacher]
+    run(tiny(experiment, images, out, 3) + [
+        f"teacher_ckpt={paths[teacher]}", *extra, "module.teacher_steps=4", "module.steps_per_stage=1", "sampler.steps=2"])
     for name, steps in (("stage0_2steps.ckpt", 2), ("stage1_1steps.ckpt", 1)):
         checkpoint = load_checkpoint(out / "checkpoints" / name)
         assert checkpoint["config"]["sampler"]["steps"] == steps
         model = load_model(checkpoint, "ema", torch.device("cpu"))
+        assert model.process.name == {"edm": "edm", "ddpm_v": "ddpm"}[teacher]  # the teacher's parameterisation
         sampler = instantiate(checkpoint["config"]["sampler"])
         x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
         assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps
@@ -292,7 +367,7 @@ def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teach
     assert {int(state["step"]) for state in last["optimizer_states"][0]["state"].values()} == {2}
     with pytest.raises(ConfigError, match="must be divisible by module.teacher_steps=4"):
         run(tiny("progressive_distillation", images, tmp_path / "bad") + [
-            f"teacher_ckpt={paths['edm']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])
+            f"teacher_ckpt={paths['ddpm_v']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])
 
 
 def test_consistency_training_curriculum_doubles_from_s0_to_s1():
@@ -330,11 +405,10 @@ def test_progressive_distillation_resumes_exactly_across_a_stage(teachers, tmp_p
     """Stopped at step 2 (stage 1 begun) and resumed to 4: the student, its teacher network of stage >= 1, the stage,
     EMA and optimizer equal a run never interrupted, bit for bit."""
     images, paths = teachers
-    extra = [f"teacher_ckpt={paths['edm']}", "schedule.timesteps=8", "module.teacher_steps=8", "module.steps_per_stage=1",
-             "sampler.steps=2"]
-    run(tiny("progressive_distillation", images, tmp_path / "straight", 4) + extra)
-    run(tiny("progressive_distillation", images, tmp_path / "first", 2) + extra)
-    run(tiny("progressive_distillation", images, tmp_path / "second", 4) + extra
+    extra = [f"teacher_ckpt={paths['edm']}", "module.teacher_steps=8", "module.steps_per_stage=1", "sampler.steps=2"]
+    run(tiny("progressive_distillation_edm", images, tmp_path / "straight", 4) + extra)
+    run(tiny("progressive_distillation_edm", images, tmp_path / "first", 2) + extra)
+    run(tiny("progressive_distillation_edm", images, tmp_path / "second", 4) + extra
         + [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
     straight = last_checkpoint(tmp_path / "straight")
     assert_same_run(straight, last_checkpoint(tmp_path / "second"))

@@ -8,7 +8,8 @@ Preconditioning (their Table 1, "Ours"), with sigma_data the data's standard dev
 Training: ln sigma ~ N(P_mean, P_std^2) and the loss lambda(sigma) ||D(x_0 + sigma eps; sigma) - x_0||^2 with
 lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, so that the network's own target has unit weight.
 Sampling: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, then 0 (Eq. 5),
-with the EDM sampler (`sampler=edm`, Alg. 2) or any other.
+with the EDM sampler (`sampler=edm`, Alg. 2) or any other; spacing `trailing` takes the same ramp at i / N, i = 0..N-1,
+then 0, so that the N-step grid is the even half of the 2N-step one (progressive distillation's nested grids).
 """
 
 from typing import Callable
@@ -20,13 +21,17 @@ from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
-SPACINGS = ("karras",)
+SPACINGS = ("karras", "trailing")
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, rho: float, num_scales: int) -> Tensor:
     """sigma_i = (sigma_min^(1/rho) + (i - 1) / (N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N, float64
     ascending (Karras et al. 2022, Eq. 5; Song et al. 2023, App. C)."""
-    ramp = torch.linspace(0, 1, num_scales, dtype=torch.float64)
+    return rho_ramp(sigma_min, sigma_max, rho, torch.linspace(0, 1, num_scales, dtype=torch.float64))
+
+
+def rho_ramp(sigma_min: float, sigma_max: float, rho: float, ramp: Tensor) -> Tensor:
+    """(sigma_min^(1/rho) + ramp (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho: Eq. 5's sigma at ramp in [0, 1]."""
     inv_rho = 1 / rho
     return (sigma_min**inv_rho + ramp * (sigma_max**inv_rho - sigma_min**inv_rho)) ** rho
 
@@ -120,13 +125,21 @@ class EDM(Process):
         return per_sample, torch.special.ndtr(normal)
 
     def sampling_grid(self, steps: int, spacing: str = "karras") -> tuple[Tensor, Tensor]:
-        """(alphas, sigmas) = (1, sigma_i) at the rho-spaced sigmas of Eq. 5 from sigma_max to sigma_min, then 0."""
+        """(alphas, sigmas) = (1, sigma_i), then (1, 0): karras, the `steps` rho-spaced sigmas of Eq. 5 from sigma_max
+        to sigma_min; trailing, the ramp of Eq. 5 at i / steps, i = 0..steps-1 (from sigma_max, never reaching
+        sigma_min; as DDPM's trailing timesteps start at T and stop short of the data), whose N-step grid is every
+        other point of the 2N-step grid."""
         if spacing not in SPACINGS:
             raise ConfigError(f"sampler.spacing={spacing!r} is not a spacing of process edm; choose one of "
                               f"{', '.join(SPACINGS)} (rho-spaced sigmas, process.rho)")
-        if not isinstance(steps, int) or steps < 2:
-            raise ConfigError(f"sampler.steps={steps} must be an integer >= 2 for process edm (sigma_max to sigma_min)")
-        sigmas = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps).flip(0)
+        least = 2 if spacing == "karras" else 1
+        if not isinstance(steps, int) or steps < least:
+            raise ConfigError(f"sampler.steps={steps} must be an integer >= {least} for process edm with spacing {spacing}")
+        if spacing == "karras":
+            sigmas = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps).flip(0)
+        else:
+            ramp = 1 - torch.arange(steps, dtype=torch.float64) / steps
+            sigmas = rho_ramp(self.sigma_min, self.sigma_max, self.rho, ramp)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return torch.ones_like(sigmas), sigmas
 

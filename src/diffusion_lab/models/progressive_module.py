@@ -1,7 +1,9 @@
 """Progressive distillation (Salimans & Ho 2022, Alg. 2) in stages within one run: stage s (steps_per_stage optimizer
-steps each) trains a student of N_s = teacher_steps / 2^(s + 1) DDIM steps on the `trailing` grid of its own
-process against two steps of its teacher: the checkpoint of teacher_ckpt at stage 0 (any DDPM or EDM model, through
-its (x, alpha, sigma) denoiser), then the student of the stage before. Each finished stage writes
+steps each) trains a student of N_s = teacher_steps / 2^(s + 1) DDIM steps on the `trailing` grid of its process
+against two steps of its teacher: the checkpoint of teacher_ckpt at stage 0, then the student of the stage before.
+The student starts from its teacher's weights and learns in its teacher's parameterisation: process=gaussian with
+objective=v (the paper's), or process=edm, whose network target (x_0 - c_skip x) / c_out is the v of data of std
+sigma_data (exactly -v for sigma_data = 1: c_in x is then the variance-preserving z, c_skip = alpha^2, c_out = sigma). Each finished stage writes
 `<output_dir>/checkpoints/stage{s}_{N_s}steps.ckpt`, whose config samples with its N_s steps. Each stage starts a
 fresh optimizer state (Adam's moments and step count), as each stage of the paper is a new optimisation of the
 student from its teacher's weights. The teacher network of stages >= 1 and the stage index are saved (a resumed run
@@ -13,26 +15,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffusion_lab.diffusion.edm import EDM
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.teacher import init_from_teacher, load_teacher
+from diffusion_lab.models.teacher import check_same_parameterisation, describe, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
 
 
 class ProgressiveDistillationModule(DiffusionModule):
     """See the module docstring. The student samples stage s with sampler=ddim sampler.spacing=trailing
-    sampler.steps=N_s; schedule.timesteps must be divisible by 2 N_s at every stage, so that the student's grid is
-    the even half of its teacher's."""
+    sampler.steps=N_s, whose grid is the even half of its teacher's; for process=gaussian, schedule.timesteps must
+    be divisible by teacher_steps for that."""
 
     def __init__(self, model, *args, teacher_ckpt: str | None = None, teacher_steps: int = 256, final_steps: int = 1,
                  steps_per_stage: int = 5000, checkpoint_dir: str = "checkpoints", **kwargs):
         super().__init__(model, *args, **kwargs)
         process = model.process
-        if not isinstance(process, GaussianDiffusion) or process.objective != "v":
+        if not (isinstance(process, EDM) or isinstance(process, GaussianDiffusion) and process.objective == "v"):
             raise ConfigError("experiment=progressive_distillation trains process=gaussian with process.objective=v "
-                              f"(Salimans & Ho 2022), not process {process.name} objective "
-                              f"{getattr(process, 'objective', '-')}")
+                              f"(Salimans & Ho 2022) or process=edm, not {describe(process)}")
         if self.cache_latents:
             raise ConfigError("module.cache_latents=true is not supported by progressive distillation; set it false")
         stages = [teacher_steps // 2**s for s in range(1, 64) if teacher_steps // 2**s >= final_steps]
@@ -40,10 +42,12 @@ class ProgressiveDistillationModule(DiffusionModule):
                 and stages[-1] == final_steps and all(teacher_steps == n * 2 ** (s + 1) for s, n in enumerate(stages))):
             raise ConfigError(f"module.teacher_steps={teacher_steps}, final_steps={final_steps}, steps_per_stage="
                               f"{steps_per_stage}: need final_steps * 2^k = teacher_steps (k >= 1) and steps_per_stage >= 1")
-        if process.num_timesteps % teacher_steps:
+        if isinstance(process, GaussianDiffusion) and process.num_timesteps % teacher_steps:
             raise ConfigError(f"schedule.timesteps={process.num_timesteps} must be divisible by module.teacher_steps="
                               f"{teacher_steps}, so that each student's grid is the even half of its teacher's")
         self.teacher = load_teacher(teacher_ckpt, ("ddpm", "edm"), model, "progressive_distillation")
+        check_same_parameterisation(model, self.teacher.model, *process.sampling_grid(teacher_steps, "trailing"),
+                                    teacher_ckpt)
         init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
         self.stage_steps, self.steps_per_stage = stages, steps_per_stage
         self.checkpoint_dir = Path(checkpoint_dir)

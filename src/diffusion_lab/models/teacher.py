@@ -2,7 +2,7 @@
 its own model object, frozen, and kept out of the student's state dict, parameters and copies."""
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.sample import load_model
@@ -46,3 +46,46 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, path: str) -> None
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise ConfigError(f"the student's backbone differs from the teacher's (teacher_ckpt={path}): {detail[:200]}; "
                           "give the student the teacher's model overrides") from error
+
+
+class ProbeNetwork(nn.Module):
+    """A fixed nonlinear F(x, t) = sin(3 x + t) + x cos(t) on every output channel: two processes turn it into the
+    same denoiser only if they feed and read a network alike (`check_same_parameterisation`)."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+        self.dtype_anchor = nn.Parameter(torch.zeros((), dtype=torch.float64), requires_grad=False)
+
+    def forward(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        t = t.reshape(-1, 1, 1, 1)
+        out = torch.sin(3 * x + t) + x * torch.cos(t)
+        return out.repeat(1, -(-self.out_channels // x.shape[1]), 1, 1)[:, : self.out_channels]
+
+
+def check_same_parameterisation(student: DiffusionModel, teacher: DiffusionModel, alphas: Tensor, sigmas: Tensor,
+                                path: str) -> None:
+    """A student started from its teacher's weights must read the network as its teacher does: the same input
+    scaling, time input and output meaning (Salimans & Ho 2022 copy the teacher, parameterisation included), else the
+    first steps re-fit the network instead of distilling it. Checked by the x_0 of both processes' denoisers over one
+    `ProbeNetwork` at the noise levels (alphas, sigmas) (the final data level excluded); a mismatch is one ConfigError
+    line."""
+    channels = student.sample_shape[0]
+    probe = ProbeNetwork(student.process.output_channels(channels))
+    x = torch.randn(2, *student.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for alpha, sigma in zip(alphas[sigmas > 0], sigmas[sigmas > 0]):
+        level = (alpha.reshape(1), sigma.reshape(1))
+        ours = student.process.denoiser(probe, False)(x, *level).x0
+        theirs = teacher.process.denoiser(probe, False)(x, *level).x0
+        if not torch.allclose(ours, theirs, rtol=1e-6, atol=1e-8):
+            raise ConfigError(
+                f"teacher_ckpt={path} is a {describe(teacher.process)} model, whose network the student's process "
+                f"({describe(student.process)}) reads differently (at sigma / alpha = {float(sigma / alpha):.4g}); the "
+                "student starts from its teacher's weights, so give it the teacher's process and schedule overrides "
+                "(an EDM teacher: experiment=progressive_distillation_edm)")
+
+
+def describe(process: nn.Module) -> str:
+    """process edm, or process gaussian objective=v: how a message names a process's parameterisation."""
+    objective = getattr(process, "objective", None)
+    return f"process {process.name}" + (f" objective={objective}" if objective else "")
