@@ -15,7 +15,7 @@ from toy_models import gaussian_denoiser, gaussian_ode_solution
 
 from diffusion_lab.builders import build_model
 from diffusion_lab.diffusion.consistency import Consistency, heun_step
-from diffusion_lab.diffusion.edm import EDM
+from diffusion_lab.diffusion.edm import EDM, karras_sigmas
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
@@ -145,7 +145,8 @@ def teachers(tmp_path_factory):
 @pytest.mark.parametrize("teacher", ["edm", "ddpm"])
 def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teacher, tmp_path, one_thread):
     images, paths = teachers
-    run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths[teacher]}"])
+    extra = ["module.init_student=false"] if teacher == "ddpm" else []  # a DDPM network reads its inputs otherwise
+    run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths[teacher]}", *extra])
     checkpoint = last_checkpoint(tmp_path / "cd")
     assert not any(name.startswith("teacher") for name in checkpoint["state_dict"])  # reloaded from its path
     assert any(name.startswith("target_net.") for name in checkpoint["current_model_state"])  # resumes exactly
@@ -164,6 +165,8 @@ def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teac
     (["teacher_ckpt=/nonexistent.ckpt"], "teacher_ckpt=/nonexistent.ckpt does not exist"),
     (["teacher_ckpt={flow}"], "is a flow_matching checkpoint; experiment=consistency_distillation distils"),
     (["teacher_ckpt={edm}", "model.dim=16"], "the student's backbone differs from the teacher's"),
+    (["teacher_ckpt={ddpm}"], "process ddpm objective=eps teacher needs module.init_student=false"),
+    (["teacher_ckpt={edm}", "process.sigma_data=1.0"], "set process.sigma_data to the teacher's 0.5"),
 ])
 def test_consistency_distillation_bad_teacher_is_one_config_error_line(teachers, tmp_path, extra, message):
     images, paths = teachers
@@ -368,6 +371,23 @@ def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teach
     with pytest.raises(ConfigError, match="must be divisible by module.teacher_steps=4"):
         run(tiny("progressive_distillation", images, tmp_path / "bad") + [
             f"teacher_ckpt={paths['ddpm_v']}", "schedule.timesteps=10", "module.teacher_steps=4", "sampler.steps=2"])
+
+
+def test_consistency_loss_weighting_is_icts_or_uniform():
+    """With the same draws, loss_weighting=ict is lambda = 1 / (sigma_{n+1} - sigma_n) (iCT, Sec. 3.5) times the
+    uniform (lambda = 1, Song et al. 2023) loss."""
+    x0 = toy_data(64, torch.Generator().manual_seed(0))
+    net = PixelMLP()
+    losses = {}
+    for weighting in ("ict", "uniform"):
+        process = Consistency(num_scales=10, loss_weighting=weighting)
+        losses[weighting], u = process.consistency_losses(net, net, x0, torch.Generator().manual_seed(1), 10)
+    sigmas = karras_sigmas(0.002, 80.0, 7.0, 10)
+    n = (u * 8).round().long()  # u = n / (N - 2)
+    torch.testing.assert_close(losses["ict"], losses["uniform"] / (sigmas[n + 1] - sigmas[n]).float())
+    assert (losses["uniform"] > 0).all()
+    with pytest.raises(ConfigError, match="process.loss_weighting='snr' is not allowed; choose one of ict, uniform"):
+        Consistency(loss_weighting="snr")
 
 
 def test_consistency_training_curriculum_doubles_from_s0_to_s1():

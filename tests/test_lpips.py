@@ -58,6 +58,28 @@ def test_lpips_holds_the_files_weights_and_is_the_packages_distance(weights, one
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_average_pooling_is_the_package_network_with_its_max_poolings_averaged(weights, one_thread):
+    """lpips_pooling=average (piq's replace_pooling, Song et al.'s code): each of VGG's four 2x2 max-poolings is a
+    2x2 average pooling, and the distances are the reference network's with the same swap, not the max-pooled ones."""
+    import copy
+
+    reference, lin_path, vgg_path = weights
+    ours = load_lpips(str(lin_path), str(vgg_path), pooling="average")
+    layers = [layer for layer in ours.network.net.modules() if isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d))]
+    assert len(layers) == 4 and all(isinstance(layer, torch.nn.AvgPool2d) and layer.kernel_size == 2
+                                    and layer.stride == 2 for layer in layers)
+    averaged = copy.deepcopy(reference)
+    for slice_ in averaged.net.children():
+        for index, layer in slice_.named_children():
+            if isinstance(layer, torch.nn.MaxPool2d):
+                setattr(slice_, index, torch.nn.AvgPool2d(2, 2))
+    x, y = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1 for seed in (3, 4))
+    with torch.no_grad():
+        expected, max_pooled = averaged(x, y).flatten(), reference(x, y).flatten()
+        torch.testing.assert_close(ours(x, y), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, max_pooled, rtol=1e-3)
+
+
 def test_lpips_is_zero_on_identical_images_and_passes_gradients_to_the_inputs_only(weights, one_thread):
     _, lin_path, vgg_path = weights
     ours = load_lpips(str(lin_path), str(vgg_path))
@@ -124,6 +146,9 @@ def test_consistency_distillation_with_lpips_trains(weights, teacher, tmp_path, 
     (["module.lpips_weights={lin}", "module.vgg_weights={vgg}", "process.huber_c=0.1"],
      "process.huber_c=0.1 is the pseudo-Huber constant, unused with module.metric=lpips"),
     (["module.metric=pseudo_huber", "module.lpips_weights={lin}"], "read only with module.metric=lpips"),
+    (["module.metric=pseudo_huber", "module.lpips_pooling=average"], "read only with module.metric=lpips"),
+    (["module.lpips_weights={lin}", "module.vgg_weights={vgg}", "module.lpips_pooling=mean"],
+     "module.lpips_pooling='mean' is not allowed; choose one of max, average"),
     (["module.metric=l2"], "module.metric='l2' is not allowed; choose one of pseudo_huber, lpips"),
 ])
 def test_bad_lpips_options_are_one_config_error_line(weights, teacher, tmp_path, monkeypatch, extra, message):

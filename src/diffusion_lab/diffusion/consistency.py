@@ -11,7 +11,8 @@ f_target(x_hat_n, sigma_n)) with x_{n+1} = x_0 + sigma_{n+1} z and x_hat_n one s
 - consistency distillation (CD, Song et al. Alg. 2): x_hat_n by a Heun step of a teacher (`heun_step`);
 - consistency training (CT, Alg. 3; iCT): x_hat_n = x_0 + sigma_n z with the same z (the unbiased estimate).
 d is the pseudo-Huber metric sqrt(||a - b||^2 + c^2) - c with c = 0.00054 sqrt(dim) (iCT, Sec. 3.3), or LPIPS on
-images resized to 224 (Song et al. 2023; `lpips_metric`), and lambda = 1 / (sigma_{n+1} - sigma_n) (iCT, Sec. 3.5).
+images resized to 224 (Song et al. 2023; `lpips_metric`), and lambda = 1 / (sigma_{n+1} - sigma_n) (iCT, Sec. 3.5;
+loss_weighting=ict) or lambda = 1 (Song et al. 2023's CD and CT; loss_weighting=uniform).
 Sampling: `sampler=consistency` (Alg. 1) over `sampling_grid`.
 """
 
@@ -29,6 +30,7 @@ from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("karras",)
 NOISE_SAMPLINGS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("ict", "uniform")
 EstimatePrevious = Callable[[Tensor, Tensor, Tensor, Tensor, dict], Tensor]  # (x_next, sigma_next, sigma, z, net_kwargs) -> x_hat
 Metric = Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> per-sample distance (B,)
 
@@ -64,7 +66,8 @@ class Consistency(Process):
     """The consistency function and its training losses; see the module docstring. num_scales: N of the
     discretisation that plain `training_losses` (consistency training at a fixed N) uses; noise_sampling: how the
     pair index n is drawn: uniform (Song et al. 2023) or lognormal, p(n) proportional to erf((ln sigma_{n+1} - P_mean)
-    / (sqrt(2) P_std)) - erf((ln sigma_n - P_mean) / (sqrt(2) P_std)) (iCT, Sec. 3.5)."""
+    / (sqrt(2) P_std)) - erf((ln sigma_n - P_mean) / (sqrt(2) P_std)) (iCT, Sec. 3.5); loss_weighting: lambda(sigma_n),
+    ict (1 / (sigma_{n+1} - sigma_n)) or uniform (1)."""
 
     name = "consistency"
     default_spacing = "karras"
@@ -81,6 +84,7 @@ class Consistency(Process):
         P_mean: float = -1.1,
         P_std: float = 2.0,
         huber_c: float | None = None,
+        loss_weighting: str = "ict",
         cond_drop_prob: float = 0.1,
     ):
         super().__init__(cond_drop_prob)
@@ -93,11 +97,14 @@ class Consistency(Process):
             raise ConfigError(f"process.num_scales={num_scales} must be an integer >= 2 (noise levels sigma_min..sigma_max)")
         if noise_sampling not in NOISE_SAMPLINGS:
             raise ConfigError(f"process.noise_sampling={noise_sampling!r} is not allowed; choose one of {', '.join(NOISE_SAMPLINGS)}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(f"process.loss_weighting={loss_weighting!r} is not allowed; choose one of "
+                              f"{', '.join(LOSS_WEIGHTINGS)}")
         if huber_c is not None and not huber_c > 0:
             raise ConfigError(f"process.huber_c={huber_c} must be > 0, or null for 0.00054 sqrt(dim) (iCT)")
         self.sigma_data, self.sigma_min, self.sigma_max, self.rho = sigma_data, sigma_min, sigma_max, rho
         self.num_scales, self.noise_sampling, self.P_mean, self.P_std = num_scales, noise_sampling, P_mean, P_std
-        self.huber_c = huber_c
+        self.huber_c, self.loss_weighting = huber_c, loss_weighting
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) at sigma (Song et al. 2023, App. C; c_in and c_noise of EDM)."""
@@ -142,7 +149,7 @@ class Consistency(Process):
                 x_hat = estimate_previous(x_next, sigma_next, sigma, z, net_kwargs).to(x0.dtype)
             target = self.consistency_function(target_net, x_hat, sigma, **net_kwargs)
         prediction = self.consistency_function(net, x_next, sigma_next, **net_kwargs)
-        weight = (1 / (sigma_next - sigma)).float()
+        weight = (1 / (sigma_next - sigma)).float() if self.loss_weighting == "ict" else torch.ones_like(sigma).float()
         if metric is None:
             c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
             distance = pseudo_huber(prediction, target, c)

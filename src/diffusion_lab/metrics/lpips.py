@@ -7,6 +7,8 @@ pnet_rand=True) and filled from two files:
   `torchvision.models.vgg16(weights="IMAGENET1K_V1")` keeps it), whose features.N go to the package's net.sliceK.N;
 - `lpips_weights`: the linear layers, lpips/weights/v0.1/vgg.pth of the lpips package (LIN_URL; the package ships
   it), keys lin0.model.1.weight .. lin4.model.1.weight.
+pooling="average" replaces VGG's four 2x2 max-poolings by average poolings, as piq's `LPIPS(replace_pooling=True)`
+that Song et al.'s consistency-model code trains with; "max" is the lpips package's network as published.
 """
 
 import warnings
@@ -22,6 +24,7 @@ from diffusion_lab.utils.errors import ConfigError
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
 SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))  # vgg16().features indices of the package's slice1..slice5
+POOLINGS = ("max", "average")
 
 
 class LPIPS(nn.Module):
@@ -60,9 +63,12 @@ def load_into(module: nn.Module, state: Mapping[str, Tensor], key: str, path: st
                           f"{url.rsplit('/', 1)[1]} from {url}") from error
 
 
-def load_lpips(lpips_weights: str, vgg_weights: str | None = None) -> LPIPS:
+def load_lpips(lpips_weights: str, vgg_weights: str | None = None, pooling: str = "max") -> LPIPS:
     """LPIPS with the linear layers of `lpips_weights` and the VGG16 of `vgg_weights` (None: the torch hub cache's
-    vgg16-397923af.pth), frozen in eval mode: no gradient for its weights, gradients flow to its inputs."""
+    vgg16-397923af.pth) and VGG's `pooling` (see the module docstring), frozen in eval mode: no gradient for its
+    weights, gradients flow to its inputs."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"module.lpips_pooling={pooling!r} is not allowed; choose one of {', '.join(POOLINGS)}")
     if vgg_weights is None:
         vgg_weights = str(hub_checkpoint(VGG16_URL))
         if not Path(vgg_weights).is_file():
@@ -86,4 +92,9 @@ def load_lpips(lpips_weights: str, vgg_weights: str | None = None) -> LPIPS:
                           f"lpips/weights/v0.1/vgg.pth ({LIN_URL})")
     load_into(network.lins, {name.removeprefix("lin"): lin_state[name] for name in names},
               "module.lpips_weights", lpips_weights, LIN_URL)
+    if pooling == "average":
+        for slice_ in network.net.children():
+            for index, layer in slice_.named_children():
+                if isinstance(layer, nn.MaxPool2d):
+                    setattr(slice_, index, nn.AvgPool2d(kernel_size=2, stride=2))
     return LPIPS(network).eval().requires_grad_(False)

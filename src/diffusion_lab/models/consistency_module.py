@@ -14,7 +14,7 @@ from torch import Tensor
 from diffusion_lab.diffusion.consistency import Consistency, Metric, heun_step, lpips_metric
 from diffusion_lab.metrics.lpips import LIN_URL, VGG16_URL, load_lpips
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.teacher import Frozen, init_from_teacher, load_teacher
+from diffusion_lab.models.teacher import Frozen, describe, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
 
 METRICS = ("pseudo_huber", "lpips")
@@ -24,10 +24,12 @@ class ConsistencyModule(DiffusionModule):
     """model.net trained under the Consistency process against a target network theta^- <- stopgrad(mu theta^- +
     (1 - mu) theta) after every optimizer step (Song et al. 2023, Alg. 2-3; target_decay mu = 0: the student itself).
     metric: d of the loss, pseudo_huber (iCT) or lpips (Song et al. 2023), the latter from the files lpips_weights (the
-    linear layers) and vgg_weights (the VGG16; null: the torch hub cache's copy), see `metrics.lpips`."""
+    linear layers) and vgg_weights (the VGG16; null: the torch hub cache's copy), with VGG's lpips_pooling (null: max,
+    the lpips package's; average: piq's, as Song et al.'s code), see `metrics.lpips`."""
 
     def __init__(self, model, *args, target_decay: float = 0.95, metric: str = "pseudo_huber",
-                 lpips_weights: str | None = None, vgg_weights: str | None = None, **kwargs):
+                 lpips_weights: str | None = None, vgg_weights: str | None = None, lpips_pooling: str | None = None,
+                 **kwargs):
         super().__init__(model, *args, **kwargs)
         if not isinstance(model.process, Consistency):
             raise ConfigError(f"module {type(self).__name__} trains process=consistency, not process {model.process.name}")
@@ -37,17 +39,18 @@ class ConsistencyModule(DiffusionModule):
             raise ConfigError(f"module.target_decay={target_decay} must be in [0, 1)")
         self.target_decay = target_decay
         self.target_net = copy.deepcopy(model.net).requires_grad_(False) if target_decay > 0 else None
-        self.lpips = self.metric_network(metric, lpips_weights, vgg_weights)
+        self.lpips = self.metric_network(metric, lpips_weights, vgg_weights, lpips_pooling)
 
-    def metric_network(self, metric: str, lpips_weights: str | None, vgg_weights: str | None) -> Frozen | None:
+    def metric_network(self, metric: str, lpips_weights: str | None, vgg_weights: str | None,
+                       pooling: str | None) -> Frozen | None:
         """The frozen LPIPS of metric=lpips, else None (pseudo-Huber); a one-line ConfigError for options that do not
         fit."""
         if metric not in METRICS:
             raise ConfigError(f"module.metric={metric!r} is not allowed; choose one of {', '.join(METRICS)}")
         if metric == "pseudo_huber":
-            if lpips_weights is not None or vgg_weights is not None:
-                raise ConfigError("module.lpips_weights and module.vgg_weights are read only with module.metric=lpips; "
-                                  "set it or drop them")
+            if lpips_weights is not None or vgg_weights is not None or pooling is not None:
+                raise ConfigError("module.lpips_weights, module.vgg_weights and module.lpips_pooling are read only with "
+                                  "module.metric=lpips; set it or drop them")
             return None
         if self.model.process.huber_c is not None:
             raise ConfigError(f"process.huber_c={self.model.process.huber_c} is the pseudo-Huber constant, unused with "
@@ -60,7 +63,7 @@ class ConsistencyModule(DiffusionModule):
             raise ConfigError(f"module.metric=lpips needs module.lpips_weights=PATH, the lpips package's "
                               f"lpips/weights/v0.1/vgg.pth ({LIN_URL}), and torchvision's VGG16 {VGG16_URL} in the "
                               "torch hub cache or at module.vgg_weights=PATH")
-        return Frozen(load_lpips(lpips_weights, vgg_weights))
+        return Frozen(load_lpips(lpips_weights, vgg_weights, pooling or "max"))
 
     def metric(self) -> Metric | None:
         """d of the loss for `Consistency.consistency_losses`: None is its pseudo-Huber."""
@@ -84,11 +87,22 @@ class ConsistencyModule(DiffusionModule):
 
 class ConsistencyDistillationModule(ConsistencyModule):
     """CD: x_hat_n from x_{n+1} by a Heun step of the teacher's denoiser between adjacent levels of N = num_scales
-    (process.num_scales); the student starts from the teacher's backbone weights (init_from_teacher)."""
+    (process.num_scales); with init_student the student starts from the teacher's backbone weights
+    (init_from_teacher), which only an EDM teacher of the student's sigma_data feeds as the student does (the same c_in
+    and c_noise); a DDPM teacher's student starts from scratch (init_student=false)."""
 
     def __init__(self, model, *args, teacher_ckpt: str | None = None, init_student: bool = True, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.teacher = load_teacher(teacher_ckpt, ("edm", "ddpm"), model, "consistency_distillation")
+        teacher_process = self.teacher.model.process
+        if init_student and getattr(teacher_process, "sigma_data", None) != model.process.sigma_data:
+            raise ConfigError(
+                f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, but its "
+                f"network reads noisy inputs and time otherwise than the student's (c_in = 1 / sqrt(sigma^2 + "
+                f"sigma_data^2), c_noise = ln(sigma) / 4, sigma_data={model.process.sigma_data}): "
+                + ("set process.sigma_data to the teacher's " + str(teacher_process.sigma_data)
+                   if teacher_process.name == "edm" else f"a {describe(teacher_process)} teacher needs module.init_student=false")
+                + " (Song et al. 2023 start from an EDM teacher)")
         if init_student:
             init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
             if self.target_net is not None:
