@@ -3,7 +3,7 @@ same batch, scored by Frechet distance (the project classifier's features, 5000 
 1, 2 and 4 network evaluations, against the teachers at 10, 20 and 50.
 
     python benchmarks/few_step.py --classifier CLF.ckpt [--teacher-steps 3000] [--student-steps 3000]
-        [--batch-size 128] [--num-samples 5000] [--students cd,pd,reflow,ct] [--threads N]
+        [--batch-size 128] [--num-samples 5000] [--teacher-nfe 10,20,50] [--students cd,pd,reflow,ct] [--threads N]
         [--out benchmarks/out/few_step]
 
 Teachers: EDM (experiment=edm_fashion_mnist; sampled with sampler=edm) for consistency distillation (cd) and
@@ -85,7 +85,7 @@ def teacher(name: str, args, test_images: torch.Tensor) -> Path:
         return args.out / name / "run" / "checkpoints" / "last.ckpt"
     run_dir, seconds = fit(name, [f"experiment={preset}"], args.teacher_steps, args)
     last = run_dir / "checkpoints" / "last.ckpt"
-    rows = [fd(last, sampler_at(algorithm, spacing, options, nfe), args, test_images) for nfe in (10, 20, 50)]
+    rows = [fd(last, sampler_at(algorithm, spacing, options, nfe), args, test_images) for nfe in args.teacher_nfe]
     write(name, {"model": f"teacher {preset}", "steps": args.teacher_steps, "train_seconds": seconds, "rows": rows}, args)
     return last
 
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--reflow-pairs", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--teacher-nfe", type=lambda s: [int(n) for n in s.split(",")], default=[10, 20, 50],
+                        help="the teachers' evaluation counts (Heun and EDM samplers: 2 x steps - 1 of them)")
     parser.add_argument("--students", type=lambda s: s.split(","), default=list(STUDENTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/few_step"))

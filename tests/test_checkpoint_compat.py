@@ -18,8 +18,10 @@ SAMPLERS = {
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_format_1_ddpm_checkpoint_samples_bit_identically(name, one_thread):
-    """tests/fixtures/README.md: the samples that the code of format 1 drew from the fixture, at the same seed."""
+def test_format_1_ddpm_checkpoint_samples_the_same_images(name, one_thread):
+    """tests/fixtures/README.md: the samples that the code of format 1 drew from the fixture, at the same seed, to
+    float32 rounding (bit for bit on the machine that drew them; another CPU's kernels round differently, by ~1e-5
+    after a sampler's steps, where a wrong coefficient or a misread weight moves samples by ~1e-1)."""
     checkpoint = load_checkpoint(FIXTURES / "ddpm_v1.ckpt")
     assert checkpoint["format_version"] == 2 and all(key.startswith("model.") for key in checkpoint["state_dict"])
     model = load_model(checkpoint, "ema", torch.device("cpu"))
@@ -27,4 +29,4 @@ def test_format_1_ddpm_checkpoint_samples_bit_identically(name, one_thread):
     noise = torch.randn((4, 1, 8, 8), generator=generator)
     samples = model.sample(noise, SAMPLERS[name], generator=generator)
     expected = torch.load(FIXTURES / "ddpm_v1_samples.pt", weights_only=True)[name]
-    assert torch.equal(samples, expected)
+    torch.testing.assert_close(samples, expected, rtol=0, atol=1e-4)
