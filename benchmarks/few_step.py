@@ -4,7 +4,7 @@ same batch, scored by Frechet distance (the project classifier's features, 5000 
 
     python benchmarks/few_step.py --classifier CLF.ckpt [--teacher-steps 3000] [--student-steps 3000]
         [--batch-size 128] [--num-samples 5000] [--teacher-nfe 10,20,50] [--students cd,pd,reflow,ct] [--threads N]
-        [--out benchmarks/out/few_step]
+        [--out benchmarks/out/few_step] [--runs-from EARLIER_OUT]
 
 Teachers: EDM (experiment=edm_fashion_mnist; sampled with sampler=edm) for consistency distillation (cd) and
 progressive distillation (pd), rectified flow (experiment=rectified_flow_fashion_mnist; sampler=heun) for reflow,
@@ -47,7 +47,13 @@ PD_TEACHER_STEPS, PD_STAGES = 64, 6
 
 
 def fit(name: str, overrides: list[str], steps: int, args) -> tuple[Path, float]:
-    """Train (or continue) the run `<out>/<name>/run`; returns its folder and the seconds this call trained."""
+    """Train (or continue) the run `<out>/<name>/run`; returns its folder and the seconds this call trained. With
+    --runs-from, the run trained there instead, and the seconds it took there."""
+    if args.runs_from:
+        done = args.runs_from / name / "results.json"
+        if not (done.is_file() and json.loads(done.read_text())["steps"] == steps):
+            raise SystemExit(f"--runs-from {args.runs_from}: {name} has not finished {steps} steps there ({done})")
+        return args.runs_from / name / "run", json.loads(done.read_text())["train_seconds"]
     run_dir = args.out / name / "run"
     cfg = compose_train([*overrides, f"trainer.max_steps={steps}", "trainer.max_epochs=-1",
                          f"data.batch_size={args.batch_size}", "logger=none", f"paths.output_dir={run_dir}",
@@ -82,7 +88,7 @@ def scored(name: str, steps: int, args) -> bool:
 def teacher(name: str, args, test_images: torch.Tensor) -> Path:
     preset, (algorithm, spacing, options) = TEACHERS[name]
     if scored(name, args.teacher_steps, args):
-        return args.out / name / "run" / "checkpoints" / "last.ckpt"
+        return (args.runs_from or args.out) / name / "run" / "checkpoints" / "last.ckpt"
     run_dir, seconds = fit(name, [f"experiment={preset}"], args.teacher_steps, args)
     last = run_dir / "checkpoints" / "last.ckpt"
     rows = [fd(last, sampler_at(algorithm, spacing, options, nfe), args, test_images) for nfe in args.teacher_nfe]
@@ -139,6 +145,8 @@ def main() -> None:
     parser.add_argument("--students", type=lambda s: s.split(","), default=list(STUDENTS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/few_step"))
+    parser.add_argument("--runs-from", type=Path, default=None,
+                        help="score the finished runs of an earlier --out (e.g. at another --num-samples), training none")
     add_threads_argument(parser)
     args = parser.parse_args()
     apply_threads(args.threads)
