@@ -95,14 +95,16 @@ class ConsistencyDistillationModule(ConsistencyModule):
         super().__init__(model, *args, **kwargs)
         self.teacher = load_teacher(teacher_ckpt, ("edm", "ddpm"), model, "consistency_distillation")
         teacher_process = self.teacher.model.process
-        if init_student and getattr(teacher_process, "sigma_data", None) != model.process.sigma_data:
-            raise ConfigError(
-                f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, but its "
-                f"network reads noisy inputs and time otherwise than the student's (c_in = 1 / sqrt(sigma^2 + "
-                f"sigma_data^2), c_noise = ln(sigma) / 4, sigma_data={model.process.sigma_data}): "
-                + ("set process.sigma_data to the teacher's " + str(teacher_process.sigma_data)
-                   if teacher_process.name == "edm" else f"a {describe(teacher_process)} teacher needs module.init_student=false")
-                + " (Song et al. 2023 start from an EDM teacher)")
+        if init_student and teacher_process.name != "edm":
+            raise ConfigError(f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, "
+                              f"a {describe(teacher_process)} network, which reads noisy inputs and time otherwise than the "
+                              "student's EDM c_in and c_noise; set module.init_student=false (Song et al. 2023 start from "
+                              "an EDM teacher)")
+        if init_student and teacher_process.sigma_data != model.process.sigma_data:
+            raise ConfigError(f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, "
+                              f"trained with c_in = 1 / sqrt(sigma^2 + sigma_data^2) at sigma_data="
+                              f"{teacher_process.sigma_data}; set process.sigma_data to the teacher's "
+                              f"{teacher_process.sigma_data}")
         if init_student:
             init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
             if self.target_net is not None:
