@@ -8,6 +8,7 @@ import torch
 from toy_models import TinyNet
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
+from diffusion_lab.diffusion.paths import eps_from_x0
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
@@ -49,7 +50,7 @@ def test_weighted_losses_agree_in_x0_space(weighting):
         process = hand_process(objective=objective, loss_weighting=weighting)
         x_t = process.q_sample(x0, t, noise)
         a = process.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        eps_hat = process.eps_from_x0(x_t, a, x0_hat)
+        eps_hat = eps_from_x0(x_t, a.sqrt(), (1 - a).sqrt(), x0_hat)
         prediction = {"eps": eps_hat, "x0": x0_hat, "v": process.predict_v(x0_hat, eps_hat, t)}[objective]
         target = {"eps": noise, "x0": x0, "v": process.predict_v(x0, noise, t)}[objective]
         losses.append(((prediction - target) ** 2).flatten(1).mean(1) * process.loss_weight(t))

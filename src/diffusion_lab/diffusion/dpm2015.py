@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract, normal_kl
-from diffusion_lab.diffusion.process import broadcast, vp_norm
+from diffusion_lab.diffusion.paths import broadcast, eps_from_x0
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
@@ -121,7 +121,7 @@ class DPM2015Diffusion(GaussianDiffusion):
 
         def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
             step = self.timestep_at(alpha, sigma).round().long().expand(x.shape[0])
-            x_t = x / broadcast(vp_norm(alpha, sigma), x)
+            x_t = x / broadcast(self.path.locate(alpha, sigma)[1], x)
             param = next(net.parameters())
             output = net(x_t.to(param.dtype), step.to(param.dtype), **net_kwargs)
             mean, log_variance = self.p_mean_log_variance(output, x_t, step)
@@ -135,6 +135,6 @@ class DPM2015Diffusion(GaussianDiffusion):
             log_beta = extract(self.betas.log(), step, x_t.ndim).to(x_t.dtype)
             log_beta_tilde = extract(self.posterior_log_variance_clipped, step, x_t.ndim).to(x_t.dtype)
             v = torch.where(first, torch.ones_like(x_t), (log_variance - log_beta_tilde) / (log_beta - log_beta_tilde))
-            return DenoiserOutput(x0, self.eps_from_x0(x_t, alpha_bar, x0), v)
+            return DenoiserOutput(x0, eps_from_x0(x_t, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x0), v)
 
         return denoise

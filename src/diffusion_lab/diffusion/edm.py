@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.diffusion.paths import VEPath, broadcast, eps_from_x0
+from diffusion_lab.diffusion.process import GuidedNetwork, Process
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
@@ -51,14 +52,14 @@ def unit_alpha_denoiser(denoise: Callable[[GuidedNetwork, Tensor, Tensor], Tenso
     (sigma / alpha); clipping x_0 recomputes eps."""
 
     def denoiser(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-        alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
-        level = (sigma / alpha).expand(x.shape[0])
-        x_e = x / broadcast(alpha, x)
+        level, scale = VEPath().locate(alpha, sigma)
+        level = level.expand(x.shape[0])
+        x_e = x / broadcast(scale, x)
         x0 = denoise(network, x_e, level)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         network.remember(x0)
-        return DenoiserOutput(x0, (x_e - x0) / broadcast(level, x))
+        return DenoiserOutput(x0, eps_from_x0(x_e, 1, broadcast(level, x), x0))
 
     return denoiser
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
+from diffusion_lab.diffusion.paths import RectifiedFlowPath, broadcast, eps_from_x0, x0_eps_from_velocity
+from diffusion_lab.diffusion.process import GuidedNetwork, Process
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
@@ -63,6 +64,7 @@ class FlowMatching(Process):
             raise ConfigError(f"process.time_scale={time_scale} must be > 0")
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
         self.mode_scale, self.shift, self.time_scale = mode_scale, shift, time_scale
+        self.path = RectifiedFlowPath()
 
     def sample_time(self, batch: int, generator: torch.Generator, device: torch.device) -> Tensor:
         """t (B,) float64 from the training density of `time_sampling`."""
@@ -82,13 +84,17 @@ class FlowMatching(Process):
         `Process.training_kwargs`. Returns (loss (B,), t (B,))."""
         t = self.sample_time(x0.shape[0], generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t_b = broadcast(t, x0)
-        x_t = (1 - t_b) * x0 + t_b * noise
+        x_t = self.path.sample(x0, t, noise)
         t_in = (self.time_scale * t).to(x0.dtype)
-        net_kwargs = self.training_kwargs(net, x_t, t_in, generator, class_labels, lambda v: x_t - t_b * v)
+        net_kwargs = self.training_kwargs(net, x_t, t_in, generator, class_labels, lambda v: self.x0_eps(x_t, t, v)[0])
         velocity = net(x_t, t_in, **net_kwargs)
         per_sample = F.mse_loss(velocity.float(), (noise - x0).float(), reduction="none").flatten(1).mean(1)
         return per_sample, t
+
+    def x0_eps(self, x_t: Tensor, t: Tensor, velocity: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_0, eps) = (x_t - t v, x_t + (1 - t) v) from the velocity at per-sample t (B,), by the path's conversion."""
+        path, t = self.path, broadcast(t, x_t)
+        return x0_eps_from_velocity(x_t, path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t), velocity)
 
     def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) = (1 - t, t) at t = shift_time(linspace(1, 0, steps + 1)): `steps` noisy points from
@@ -112,15 +118,13 @@ class FlowMatching(Process):
         network = GuidedNetwork(net, guidance_scale, class_labels)
 
         def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            alpha, sigma = alpha.to(torch.float64).reshape(-1), sigma.to(torch.float64).reshape(-1)
-            t = sigma / (alpha + sigma)
-            t_b = broadcast(t, x)
-            x_t = x / broadcast(alpha + sigma, x)
+            t, scale = self.path.locate(alpha, sigma)
+            x_t = x / broadcast(scale, x)
             velocity = network(x_t, self.time_scale * t)
-            x0, eps = x_t - t_b * velocity, x_t + (1 - t_b) * velocity
+            x0, eps = self.x0_eps(x_t, t, velocity)
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-                eps = (x_t - (1 - t_b) * x0) / t_b
+                eps = eps_from_x0(x_t, broadcast(self.path.alpha(t), x), broadcast(self.path.sigma(t), x), x0)
             network.remember(x0)
             return DenoiserOutput(x0, eps)
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast, vp_norm
-from diffusion_lab.diffusion.schedules import log_sigmas
-from diffusion_lab.diffusion.timesteps import timestep_at_log_sigma, timesteps_for
+from diffusion_lab.diffusion.paths import DiscreteVPPath, broadcast, eps_from_x0, x0_eps_from_v, x0_from_eps
+from diffusion_lab.diffusion.process import GuidedNetwork, Process
+from diffusion_lab.diffusion.timesteps import timesteps_for
 from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
@@ -101,6 +101,7 @@ class GaussianDiffusion(Process):
                 "recovered from an eps prediction; use process.objective=v (or x0)"
             )
         self.num_timesteps = len(betas)
+        self.path = DiscreteVPPath(alphas_cumprod)
         self.register_buffer("betas", betas, persistent=False)
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         self.register_buffer("alphas_cumprod_prev", alphas_cumprod_prev, persistent=False)
@@ -152,29 +153,18 @@ class GaussianDiffusion(Process):
         )
 
     def to_x0_eps(self, x_t: Tensor, alpha_bar: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_0, eps) from the network output under this objective, at noise level alpha_bar (broadcastable)."""
+        """(x_0, eps) from the network output under this objective, at noise level alpha_bar (broadcastable), by the
+        path's conversions (`diffusion.paths`) with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar)."""
         a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         if self.objective == "eps":
-            return (x_t - s * model_output) / a, model_output
+            return x0_from_eps(x_t, a, s, model_output), model_output
         if self.objective == "x0":
-            return model_output, (x_t - a * model_output) / s
-        return a * x_t - s * model_output, s * x_t + a * model_output  # v
-
-    def eps_from_x0(self, x_t: Tensor, alpha_bar: Tensor, x0: Tensor) -> Tensor:
-        """eps = (x_t - sqrt(alpha_bar) x_0) / sqrt(1 - alpha_bar)."""
-        return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+            return model_output, eps_from_x0(x_t, a, s, model_output)
+        return x0_eps_from_v(x_t, a, s, model_output)
 
     def alpha_bar_at(self, t: Tensor) -> Tensor:
-        """alpha_bar at a possibly fractional timestep: log sigma, sigma = sqrt((1-alpha_bar)/alpha_bar),
-        interpolated linearly between integer steps (as k-diffusion's DiscreteSchedule); exact at integers.
-        See `log_sigmas` for the zero-terminal-SNR end."""
-        t = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
-        low = t.floor().long()
-        high = t.ceil().long()
-        w = t - low
-        table = log_sigmas(self.alphas_cumprod)
-        log_sigma = (1 - w) * table[low] + w * table[high]
-        return torch.where(w == 0, self.alphas_cumprod[low], torch.sigmoid(-2 * log_sigma))
+        """alpha_bar at a possibly fractional timestep (`DiscreteVPPath.alpha_bar`)."""
+        return self.path.alpha_bar(t)
 
     # Training -----------------------------------------------------------------------------------
 
@@ -249,16 +239,8 @@ class GaussianDiffusion(Process):
     # Sampling -----------------------------------------------------------------------------------
 
     def timestep_at(self, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """The fractional timestep of the noise level sigma / alpha (`timestep_at_log_sigma`), snapped to the
-        integer step within 1e-9 of it, so that a level of the table maps back to its own step exactly. alpha = 0
-        is the last step of a zero-terminal-SNR table; the other levels are looked up among the steps before it
-        (the 2^-24 that `log_sigmas` puts in for that step's 0 would break the table's order)."""
-        log_sigma = (sigma.to(torch.float64).log() - alpha.to(torch.float64).log()).reshape(-1)
-        table = log_sigmas(self.alphas_cumprod)
-        zero_terminal = bool(self.alphas_cumprod[-1] == 0)
-        t = timestep_at_log_sigma(table[:-1] if zero_terminal and len(table) > 1 else table, log_sigma)
-        t = torch.where((t - t.round()).abs() < 1e-9, t.round(), t)
-        return torch.where(torch.isinf(log_sigma) & zero_terminal, torch.full_like(t, self.num_timesteps - 1), t)
+        """The fractional timestep of the noise level (alpha, sigma) (`DiscreteVPPath.timestep_at`)."""
+        return self.path.timestep_at(alpha, sigma)
 
     def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) at the `steps` timesteps of the spacing (diffusion_lab.diffusion.timesteps), then the data:
@@ -282,15 +264,15 @@ class GaussianDiffusion(Process):
         network = GuidedNetwork(net, guidance_scale, class_labels)
 
         def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            t = self.timestep_at(alpha, sigma)
+            t, scale = self.path.locate(alpha, sigma)
+            x_p = x / broadcast(scale, x)
             alpha_bar = broadcast(self.alpha_bar_at(t), x)
-            x_p = x / broadcast(vp_norm(alpha, sigma), x)
             output = network(x_p, t)
             c = x.shape[1]
             x0, eps = self.to_x0_eps(x_p, alpha_bar, output[:, :c])
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
-                eps = self.eps_from_x0(x_p, alpha_bar, x0)
+                eps = eps_from_x0(x_p, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x0)
             network.remember(x0)
             variance_interp = (output[:, c:] + 1) / 2 if self.learn_variance else None
             return DenoiserOutput(x0, eps, variance_interp)

@@ -14,20 +14,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.paths import broadcast, vp_norm  # noqa: F401 (the processes' shared helpers)
 from diffusion_lab.utils.errors import ConfigError
-
-
-def broadcast(value: Tensor, like: Tensor) -> Tensor:
-    """A scalar or per-sample (B,) value reshaped to broadcast over a batch like `like`, in its dtype."""
-    return value.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def vp_norm(alpha: Tensor, sigma: Tensor) -> Tensor:
-    """sqrt(alpha^2 + sigma^2) (B,) or (1,): the std of x = alpha x_0 + sigma eps for data of unit variance, and the
-    factor between x at the level (alpha, sigma) and the variance-preserving path's point of the same SNR; taken as
-    exactly 1 within 1e-12 of it, so that the points of a variance-preserving path pass unchanged."""
-    norm = (alpha.to(torch.float64) ** 2 + sigma.to(torch.float64) ** 2).sqrt().reshape(-1)
-    return torch.where((norm - 1).abs() < 1e-12, torch.ones_like(norm), norm)
 
 
 class GuidedNetwork:
