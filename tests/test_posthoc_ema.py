@@ -1,0 +1,130 @@
+"""Post-hoc EMA (Karras et al. 2024, EDM2): the power-function profile and its sigma_rel <-> gamma relation against
+their closed forms, the per-step update against the weighted average it stands for, and the least-squares
+reconstruction of an EMA length from snapshots of two others."""
+
+import pytest
+import torch
+
+from diffusion_lab.ema.power_ema import (
+    SIGMA_REL_MAX,
+    combine_state_dicts,
+    expressible_sigma_rels,
+    gamma_to_sigma_rel,
+    power_ema_beta,
+    profile_inner_product,
+    sigma_rel_to_gamma,
+    solve_posthoc_coefficients,
+)
+from diffusion_lab.utils.errors import ConfigError
+
+TRACKED = (0.05, 0.10)  # the callback's default pair
+
+
+def profile_mass_per_step(step: int, gamma: float) -> torch.Tensor:
+    """The profile p_(t, gamma)(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) (EDM2 Eq. 2) integrated over each step
+    (tau - 1, tau], tau = 1..t: (tau^(gamma + 1) - (tau - 1)^(gamma + 1)) / t^(gamma + 1)."""
+    tau = torch.arange(1, step + 1, dtype=torch.float64)
+    return (tau ** (gamma + 1) - (tau - 1) ** (gamma + 1)) / step ** (gamma + 1)
+
+
+def track(history: torch.Tensor, gamma: float, snapshot_every: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The power-function EMA of history[0], history[1], .. (the weights after steps 1, 2, ..) updated once a step,
+    and its snapshots every `snapshot_every` steps."""
+    ema, snapshots = torch.zeros_like(history[0]), {}
+    for step, theta in enumerate(history, start=1):
+        ema = torch.lerp(ema, theta, 1 - power_ema_beta(step, gamma))
+        if snapshot_every and step % snapshot_every == 0:
+            snapshots[step] = ema.clone()
+    return ema, snapshots
+
+
+@pytest.mark.parametrize("gamma", [0.3, 2.0, 6.94, 16.97, 97.0])
+def test_sigma_rel_is_the_profiles_relative_std_and_gamma_inverts_it(gamma):
+    t = 1.0
+    tau = torch.linspace(0, t, 200_001, dtype=torch.float64)
+    profile = (gamma + 1) * tau**gamma / t ** (gamma + 1)
+    mean = torch.trapezoid(tau * profile, tau)
+    std = torch.trapezoid((tau - mean) ** 2 * profile, tau).sqrt()
+    assert gamma_to_sigma_rel(gamma) == pytest.approx(std.item() / t, rel=1e-6)  # EDM2 Eq. 3 is what it says
+    assert sigma_rel_to_gamma(gamma_to_sigma_rel(gamma)) == pytest.approx(gamma, rel=1e-10)
+
+
+def test_the_papers_pair_of_lengths():
+    # EDM2 Sec. 3.1: sigma_rel 0.05 and 0.10 are gamma 16.97 and 6.94
+    assert [round(sigma_rel_to_gamma(s), 2) for s in TRACKED] == [16.97, 6.94]
+
+
+@pytest.mark.parametrize("sigma_rel", [0.0, -0.1, SIGMA_REL_MAX, 0.3])
+def test_a_sigma_rel_without_a_power_function_profile_is_one_error(sigma_rel):
+    with pytest.raises(ConfigError, match="sigma_rel"):
+        sigma_rel_to_gamma(sigma_rel)
+
+
+@pytest.mark.parametrize("sigma_rel", TRACKED)
+def test_the_per_step_update_is_the_weighted_average_of_the_history(sigma_rel):
+    steps, gamma = 300, sigma_rel_to_gamma(sigma_rel)
+    history = torch.eye(steps, dtype=torch.float64)  # theta_tau = e_tau: the EMA is its weight on each step
+    weights, _ = track(history, gamma)
+    torch.testing.assert_close(weights, profile_mass_per_step(steps, gamma), rtol=1e-10, atol=1e-14)
+    scalars = torch.randn(steps, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ema, _ = track(scalars, gamma)
+    assert ema.item() == pytest.approx((profile_mass_per_step(steps, gamma) * scalars).sum().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(("t_a", "t_b"), [(300.0, 1000.0), (1000.0, 300.0), (500.0, 500.0)])
+def test_profile_inner_product_is_the_integral_of_the_product(t_a, t_b):
+    gamma_a, gamma_b = 6.94, 16.97
+    tau = torch.linspace(0, min(t_a, t_b), 400_001, dtype=torch.float64)  # the product is 0 beyond
+
+    def profile(t, gamma):
+        return (gamma + 1) * tau**gamma / t ** (gamma + 1)
+
+    integral = torch.trapezoid(profile(t_a, gamma_a) * profile(t_b, gamma_b), tau)
+    closed = profile_inner_product(*(torch.tensor(v, dtype=torch.float64) for v in (t_a, gamma_a, t_b, gamma_b)))
+    assert closed.item() == pytest.approx(integral.item(), rel=1e-4)
+
+
+def snapshots_of(history: torch.Tensor, every: int) -> tuple[list[int], list[float], list[dict]]:
+    """Snapshots of the EMAs of TRACKED every `every` steps: their steps, gammas and state dicts {"w": tensor}."""
+    steps, gammas, states = [], [], []
+    for sigma_rel in TRACKED:
+        gamma = sigma_rel_to_gamma(sigma_rel)
+        _, snapshots = track(history, gamma, every)
+        for step, ema in snapshots.items():
+            steps.append(step), gammas.append(gamma), states.append({"w": ema, "count": torch.tensor(step)})
+    return steps, gammas, states
+
+
+def test_a_tracked_length_is_reconstructed_to_float_rounding():
+    history = torch.randn(400, 16, generator=torch.Generator().manual_seed(0)).cumsum(0)  # a random walk, float32
+    steps, gammas, states = snapshots_of(history, 40)
+    gamma = sigma_rel_to_gamma(0.10)
+    coefficients, error = solve_posthoc_coefficients(steps, gammas, 400, gamma)
+    reconstructed = combine_state_dicts(iter(states), coefficients.tolist())
+    tracked, _ = track(history, gamma)
+    assert reconstructed["w"].dtype == torch.float32 and error < 1e-6
+    torch.testing.assert_close(reconstructed["w"], tracked)  # float32's tolerances
+    assert reconstructed["count"].item() == 400  # integer tensors: the last snapshot's
+
+
+def test_an_untracked_length_is_fitted_as_well_as_the_solve_says():
+    # theta_tau = e_tau: the combination of the snapshots is the profile the reconstruction applies to each step
+    steps_total = 600
+    steps, gammas, states = snapshots_of(torch.eye(steps_total, dtype=torch.float64), 30)
+    for sigma_rel in (0.03, 0.08, 0.15):
+        gamma = sigma_rel_to_gamma(sigma_rel)
+        coefficients, error = solve_posthoc_coefficients(steps, gammas, steps_total, gamma)
+        applied = combine_state_dicts(iter(states), coefficients.tolist())["w"]
+        target = profile_mass_per_step(steps_total, gamma)
+        measured = ((applied - target).norm() / target.norm()).item()
+        assert measured == pytest.approx(error, rel=0.1, abs=1e-4)  # the closed-form fit error is the real one
+        tracked_pair = [profile_mass_per_step(steps_total, g) for g in (gammas[0], gammas[-1])]
+        assert measured < 0.1 * min((p - target).norm().item() / target.norm().item() for p in tracked_pair)
+
+
+def test_the_expressible_range_holds_the_tracked_lengths_and_not_the_far_ones():
+    steps = [100 * k for k in range(1, 7)]
+    gammas = [sigma_rel_to_gamma(s) for s in TRACKED]
+    expressible = expressible_sigma_rels(steps * 2, [gammas[0]] * 6 + [gammas[1]] * 6, 600, max_error=0.05)
+    assert {0.05, 0.1} <= set(expressible) and 0.005 not in expressible and 0.285 not in expressible
+    assert expressible == [s for s in expressible if min(expressible) <= s <= max(expressible)]
