@@ -23,7 +23,7 @@ import torch
 from common import add_threads_argument, apply_threads, compose_train
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import data_split
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.train import train
 from quality_vs_reference import DATA, score

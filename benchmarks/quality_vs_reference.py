@@ -37,7 +37,7 @@ from common import add_threads_argument, apply_threads, compose_train
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import data_split, score_samples
 from diffusion_lab.metrics.extractors import ClassifierFeatures
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.train import train
 from diffusion_lab.utils.media import save_grid

@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.metrics.evaluate import data_split, score_samples
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.media import to_uint8

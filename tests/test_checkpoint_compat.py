@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.checkpoint import load_checkpoint
 

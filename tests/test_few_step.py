@@ -25,7 +25,8 @@ from diffusion_lab.models.consistency_module import ConsistencyTrainingModule
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.models.progressive_module import ProgressiveDistillationModule
 from diffusion_lab.models.reflow_module import ReflowModule
-from diffusion_lab.sample import load_model, sampler_config
+from diffusion_lab.builders import load_model
+from diffusion_lab.sample import sampler_config
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.samplers.sampling import DenoiserOutput
 from diffusion_lab.utils.checkpoint import load_checkpoint

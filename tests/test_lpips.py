@@ -13,7 +13,7 @@ from tiny_run import image_folder
 
 from diffusion_lab.diffusion.consistency import lpips_metric
 from diffusion_lab.metrics.lpips import load_lpips
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
 

@@ -8,7 +8,7 @@ import torch
 from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import image_folder, tiny_overrides
 
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
 

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import CONFIGS
 from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import image_folder, tiny_overrides
 

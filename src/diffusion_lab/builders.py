@@ -10,6 +10,7 @@ from torch import nn
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models import autoencoder_module
 from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.utils.checkpoint import model_weights, submodule_state
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -106,3 +107,14 @@ def check_first_stage_data(first_stage: nn.Module, cfg: Any) -> None:
             f"{autoencoder.channels} images, but data={data.get('dataset', '?')} has {data['image_size']}x"
             f"{data['image_size']}x{data['channels']}; use an autoencoder trained on this data set"
         )
+
+
+def load_model(checkpoint: dict, weights: str, device: torch.device) -> DiffusionModel:
+    """The model object of a checkpoint (its saved config), with the chosen weights, in eval mode on `device`."""
+    model = build_model(checkpoint["config"], trained_first_stage=False)
+    try:
+        model.load_state_dict(submodule_state(model_weights(checkpoint, weights), "model"))
+    except RuntimeError as error:
+        raise ConfigError(f"the checkpoint's weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
+    to_memory_format(model.net, checkpoint["config"].get("channels_last"), device)
+    return model.to(device).eval()

@@ -10,29 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from diffusion_lab.builders import build_model, to_memory_format
+from diffusion_lab.builders import load_model
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import check_scoring, needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
-from diffusion_lab.models.diffusion_model import DiffusionModel
-from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights, submodule_state
+from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.launch import launch
 from diffusion_lab.utils.media import forward_noising_figure, save_gif, save_grid, save_samples
 
 FIGURES = ("forward",)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def sampler_config(saved: dict, override: DictConfig) -> DictConfig:
@@ -46,31 +37,6 @@ def sampler_config(saved: dict, override: DictConfig) -> DictConfig:
             if chosen.get(key) is not None:
                 base.sampler[key] = chosen[key]
     return OmegaConf.create(OmegaConf.to_container(base.sampler, resolve=True))
-
-
-def load_model(checkpoint: dict, weights: str, device: torch.device) -> DiffusionModel:
-    """The model object of a checkpoint (its saved config), with the chosen weights, in eval mode on `device`."""
-    model = build_model(checkpoint["config"], trained_first_stage=False)
-    try:
-        model.load_state_dict(submodule_state(model_weights(checkpoint, weights), "model"))
-    except RuntimeError as error:
-        raise ConfigError(f"the checkpoint's weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
-    to_memory_format(model.net, checkpoint["config"].get("channels_last"), device)
-    return model.to(device).eval()
-
-
-def launch(cfg: DictConfig) -> Fabric:
-    """One process per device through Lightning Fabric: over `trainer=` (its accelerator, devices, num_nodes and
-    strategy, e.g. trainer=ddp trainer.devices=8) when chosen, else one process on `device`."""
-    trainer = cfg.get("trainer")
-    if trainer is None:
-        device = resolve_device(cfg.device)
-        fabric = Fabric(accelerator=device.type, devices=[device.index] if device.index is not None else 1)
-    else:
-        fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.get("num_nodes", 1),
-                        strategy=trainer.get("strategy", "auto"))
-    fabric.launch()
-    return fabric
 
 
 def chunks_done(chunk_dir: Path, record: dict, num_samples: int, chunk_size: int) -> set[int]:

@@ -33,6 +33,7 @@ from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
 from diffusion_lab.utils.cli import one_line_errors
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.launch import launch
 
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder", "hf")
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -209,8 +210,6 @@ def prepare(cfg: DictConfig) -> dict:
     settings, jobs = plan(cfg.data)
     fabric = None
     if cfg.first_stage:  # every rank (one per device) runs what follows; only rank 0 writes prepared.json
-        from diffusion_lab.sample import launch
-
         fabric = launch(cfg)
         first_stage, config = latents.load_first_stage(cfg.first_stage, settings["image_shape"])
         first_stage.to(fabric.device)

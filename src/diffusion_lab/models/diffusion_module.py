@@ -8,7 +8,6 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from diffusion_lab.data.latent_shards import LatentShardsDataModule
 from diffusion_lab.models.components.autoencoder_kl import DiagonalGaussian
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import upgrade_checkpoint
@@ -103,11 +102,12 @@ class DiffusionModule(LightningModule):
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
-        if isinstance(self.trainer.datamodule, LatentShardsDataModule):
+        check_latents = getattr(self.trainer.datamodule, "check_first_stage", None)  # data of latents (latent_shards)
+        if check_latents is not None:
             if self.cache_latents:
                 raise ConfigError("module.cache_latents=true encodes images, but data=latent_shards holds latents "
                                   "already; drop module.cache_latents")
-            self.trainer.datamodule.check_first_stage(self.model)
+            check_latents(self.model)
             self.batches_of_moments = True
         elif self.cache_latents:
             datamodule = self.trainer.datamodule

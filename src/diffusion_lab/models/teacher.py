@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.models.diffusion_model import DiffusionModel
-from diffusion_lab.sample import load_model
+from diffusion_lab.builders import load_model
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
 
