@@ -113,7 +113,8 @@ def test_a_few_hundred_steps_lower_the_loss_on_real_data(tmp_path):
 
 def test_every_group_option_composes():
     """`--cfg job` for every option of every group (the configs resolve where they need no runtime values)."""
-    groups = ["data", "model", "process", "schedule", "sampler", "trainer", "callbacks", "logger", "debug", "experiment"]
+    groups = ["data", "model", "process", "schedule", "sampler", "module", "recipe", "trainer", "callbacks", "logger", "debug",
+              "experiment"]
     for group in groups:
         for option in sorted(p.stem for p in Path(CONFIGS, group).glob("*.yaml")):
             GlobalHydra.instance().clear()

@@ -35,7 +35,7 @@ def build_process(cfg: Any) -> nn.Module:
         return instantiate(process_cfg, betas=beta_schedule(**schedule))
     if schedule:
         raise ConfigError(f"schedule is set, but process {target.rsplit('.', 1)[-1]} takes no beta schedule and would "
-                          "ignore it: add schedule=null (the flow-matching and EDM presets do)")
+                          "ignore it: drop the schedule= override (this process's config sets none)")
     return instantiate(process_cfg)
 
 

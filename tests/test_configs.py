@@ -1,0 +1,89 @@
+"""The config groups mirror the code: `model=M data=D process=P` composes and builds for every process with that
+process's own defaults (no other process's keys, no schedule where it takes none), the default run is the tuned
+recipe, every preset composes, and `module` is a group of LightningModules."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import get_class, instantiate
+from lightning import LightningModule
+from omegaconf import OmegaConf
+
+from diffusion_lab.builders import build_model
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PROCESSES = sorted(p.stem for p in (CONFIGS / "process").glob("*.yaml"))
+TINY_MODELS = {  # backbone: tiny widths
+    "unet_attn": ["model.dim=8", "model.dim_mults=[1,2]", "model.attn_heads=1", "model.attn_dim_head=8"],
+    "ddpm_unet": ["model.ch=16", "model.ch_mult=[1,2]", "model.norm_groups=8", "model.attn_levels=[1]"],
+}
+PAIRS = [("unet_attn", "fashion_mnist"), ("ddpm_unet", "cifar10")]
+NO_DIFFUSION = ("autoencoder", "classifier")  # modules that train a network alone
+
+
+def compose_train(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train.yaml", overrides=overrides)
+
+
+def option_keys(group: str, option: str) -> set[str]:
+    """The keys an option's own file sets (its defaults list aside)."""
+    return set(OmegaConf.load(CONFIGS / group / f"{option}.yaml")) - {"defaults"}
+
+
+@pytest.mark.parametrize("model_name, data", PAIRS)
+@pytest.mark.parametrize("process", PROCESSES)
+def test_model_data_process_builds_with_the_process_own_defaults(process, model_name, data):
+    cfg = compose_train([f"model={model_name}", f"data={data}", f"process={process}", *TINY_MODELS[model_name]])
+    assert set(cfg.process) == option_keys("process", process)  # nothing of the default run's process leaks in
+    if not (CONFIGS / "recipe" / f"{data}_{model_name}_{process}.yaml").is_file():  # the default run's combination has its recipe
+        assert list(cfg.tags) == ["dev"]  # nor its tags
+    model = build_model(cfg)
+    takes_betas = "betas" in inspect.signature(get_class(cfg.process._target_)).parameters
+    assert (cfg.get("schedule") is not None) == takes_betas
+    sampler = instantiate(cfg.sampler)
+    sampler.check(*model.sampling_grid(sampler))  # the sampler the process brings fits its grid
+    assert model.sample_shape == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+
+
+def test_default_run_is_the_tuned_fashion_mnist_recipe():
+    """`python train.py` trains what it trained before `module` and `recipe` became groups: the keys that define it."""
+    cfg = compose_train([])
+    assert cfg.data.dataset == "fashion_mnist" and cfg.data.batch_size == 128 and cfg.data.random_flip
+    assert cfg.model._target_.endswith("UnetAttn") and cfg.model.dim == 28 and list(cfg.model.dim_mults) == [1, 2, 4]
+    assert cfg.process._target_ == "diffusion_lab.diffusion.gaussian.GaussianDiffusion"
+    assert (cfg.process.objective, cfg.process.loss_type) == ("eps", "huber")
+    assert (cfg.schedule.name, cfg.schedule.timesteps) == ("linear", 300)
+    assert (cfg.schedule.beta_start, cfg.schedule.beta_end) == pytest.approx((1e-4 * 1000 / 300, 0.02 * 1000 / 300))
+    assert (cfg.sampler.algorithm, cfg.sampler.steps) == ("ddpm", 300)
+    assert cfg.module._target_ == "diffusion_lab.models.diffusion_module.DiffusionModule"
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.trainer.max_epochs) == ("torch.optim.Adam", 1e-3, 10)
+    assert list(cfg.tags) == ["ddpm", "fashion_mnist"]
+    named = compose_train(["experiment=ddpm_fashion_mnist"])
+    assert OmegaConf.to_container(named) == OmegaConf.to_container(cfg)
+
+
+def test_other_model_and_data_start_from_the_group_defaults():
+    """`model=ddpm_unet data=cifar10` carries neither the Fashion-MNIST recipe nor its tags."""
+    cfg = compose_train(["model=ddpm_unet", "data=cifar10"])
+    assert (cfg.process.loss_type, cfg.schedule.timesteps, list(cfg.tags)) == ("l2", 1000, ["dev"])
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_preset_composes_with_a_module_of_the_group(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    module = get_class(cfg.module._target_)
+    assert issubclass(module, LightningModule)
+    if module.__name__ in ("AutoencoderModule", "FeatureClassifierModule"):  # nothing unused saved with the run
+        assert not {"process", "schedule", "sampler"} & set(cfg)
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIGS / "module").glob("*.yaml")))
+def test_module_group_options_are_lightning_modules(option):
+    assert issubclass(get_class(OmegaConf.load(CONFIGS / "module" / f"{option}.yaml")._target_), LightningModule)
+    cfg = compose_train([f"module={option}"])
+    assert ({"process", "schedule", "sampler"} & set(cfg)) == (set() if option in NO_DIFFUSION else {"process", "schedule", "sampler"})
