@@ -39,12 +39,12 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> None:
-    """ckpt_path=auto: resume in place from `<output_dir>/checkpoints/last.ckpt` when it exists (a requeued or
-    restarted job), else start fresh."""
+    """ckpt_path=auto: resume in place from `<output_dir>/checkpoints/last.ckpt` (else its newest checkpoint) when
+    there is one (a requeued or restarted job), else start fresh."""
     if cfg.get("ckpt_path") == "auto":
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        newest = newest_checkpoint(cfg)
         with open_dict(cfg):
-            cfg.ckpt_path = str(last) if last.is_file() else None
+            cfg.ckpt_path = str(newest[0]) if newest else None
 
 
 @contextmanager
@@ -96,11 +96,19 @@ def ctrl_c_as_sigterm():
         signal.signal(signal.SIGINT, previous)
 
 
+def newest_checkpoint(cfg: DictConfig) -> tuple[Path, int] | None:
+    """`<output_dir>/checkpoints/last.ckpt` and its step; without a readable one, the checkpoint of the latest step
+    there (a save of last.ckpt that failed after the best was written); None when there is none."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    steps = {path: saved_step(path) for path in [folder / "last.ckpt", *sorted(folder.glob("step_*.ckpt"))]}
+    readable = [(path, step) for path, step in steps.items() if step is not None]
+    return readable[0] if readable and readable[0][0].name == "last.ckpt" else max(readable, key=lambda r: r[1], default=None)
+
+
 def last_checkpoint_note(cfg: DictConfig) -> str:
-    """Which step `<output_dir>/checkpoints/last.ckpt` holds, for the line that ends a stopped run."""
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    step = saved_step(last)
-    return f"{last} holds step {step}" if step is not None else "no checkpoint was written"
+    """Which checkpoint the run folder holds and its step, for the line that ends a stopped run."""
+    newest = newest_checkpoint(cfg)
+    return f"{newest[0]} holds step {newest[1]}" if newest else "no checkpoint was written"
 
 
 RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)  # how the network runs, not what it is: free to change on resume

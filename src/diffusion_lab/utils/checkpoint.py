@@ -1,5 +1,6 @@
 """Checkpoints: saved atomically, loaded without running code (`torch.load(weights_only=True)`)."""
 
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,13 +18,18 @@ FORMAT_VERSION = 2  # of what this project writes into checkpoints; raise it whe
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save, to a temporary name renamed onto the target: an interrupted save never leaves a
-    half-written checkpoint in place of a good one. Stamps `format_version` into every checkpoint."""
+    """torch.save to a temporary name beside the target, flushed to disk and renamed onto it: an interrupted save
+    never leaves a half-written checkpoint in place of a good one. (Lightning's own save stages the file in the
+    system temp folder, which may be too small or on another disk.) Stamps `format_version` into every checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
         checkpoint["format_version"] = FORMAT_VERSION
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:

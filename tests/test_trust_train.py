@@ -1,0 +1,56 @@
+"""Training you can trust: last.ckpt is saved on a step count or a clock without waiting for validation, checkpoints
+are staged beside their target (never in the system temp folder), and a stopped run names the checkpoint it left."""
+
+import errno
+import tempfile
+
+import pytest
+import torch
+
+from diffusion_lab.utils.checkpoint import load_checkpoint
+from diffusion_lab.utils.errors import ConfigError
+from test_resume import last_checkpoint, run
+from tiny_run import image_folder, tiny_overrides
+
+NAN_AFTER_STEP_2 = ["+callbacks.nan._target_=tiny_run.PoisonBatch", "+callbacks.nan.at_step=2"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.mark.parametrize("save_when", [
+    ["callbacks.model_checkpoint.every_n_train_steps=1"],
+    ["callbacks.model_checkpoint.every_n_minutes=0"],
+    ["trainer.val_check_interval=1"],
+], ids=["every_n_train_steps", "every_n_minutes", "val_check_interval_1"])
+def test_last_ckpt_is_saved_before_the_first_epoch_ends(images, tmp_path, one_thread, save_when):
+    """A run that dies at step 3 of a 4-step epoch (a NaN loss here, a kill -9 alike) leaves last.ckpt at step 2."""
+    output_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"not finite at step 3; .*last.ckpt holds step 2"):
+        run(tiny_overrides(images, output_dir, 4) + save_when + NAN_AFTER_STEP_2)
+    assert last_checkpoint(output_dir)["global_step"] == 2
+
+
+def test_checkpoints_are_staged_beside_their_target_not_in_the_system_temp_folder(images, tmp_path, one_thread, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no_system_temp_folder"))
+    run(tiny_overrides(images, tmp_path / "run", 2))
+    assert last_checkpoint(tmp_path / "run")["global_step"] == 2
+
+
+def test_a_full_disk_at_last_ckpt_names_the_checkpoint_that_was_written(images, tmp_path, one_thread, monkeypatch):
+    """At validation Lightning writes the best checkpoint, then last.ckpt: the disk fills between the two."""
+    save, calls = torch.save, []
+
+    def second_save_fails(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", second_save_fails)
+    output_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"No space left on device.*step_0000002.ckpt holds step 2"):
+        run(tiny_overrides(images, output_dir, 4) + ["trainer.val_check_interval=2"])
+    assert load_checkpoint(output_dir / "checkpoints" / "step_0000002.ckpt")["global_step"] == 2
