@@ -1,7 +1,9 @@
-"""Training you can trust: last.ckpt is saved on a step count or a clock without waiting for validation, checkpoints
-are staged beside their target (never in the system temp folder), and a stopped run names the checkpoint it left."""
+"""Training you can trust: a refused command changes no byte of the run folder it was refused for, the run's log is
+in its train.log, last.ckpt is saved on a step count or a clock without waiting for validation, checkpoints are
+staged beside their target (never in the system temp folder), and a stopped run names the checkpoint it left."""
 
 import errno
+import fcntl
 import tempfile
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
+from test_errors import assert_one_line_error
 from test_resume import last_checkpoint, run
-from tiny_run import image_folder, tiny_overrides
+from tiny_run import image_folder, run_train, tiny_overrides
 
 NAN_AFTER_STEP_2 = ["+callbacks.nan._target_=tiny_run.PoisonBatch", "+callbacks.nan.at_step=2"]
 
@@ -54,3 +57,40 @@ def test_a_full_disk_at_last_ckpt_names_the_checkpoint_that_was_written(images, 
     with pytest.raises(ConfigError, match=r"No space left on device.*step_0000002.ckpt holds step 2"):
         run(tiny_overrides(images, output_dir, 4) + ["trainer.val_check_interval=2"])
     assert load_checkpoint(output_dir / "checkpoints" / "step_0000002.ckpt")["global_step"] == 2
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory):
+    """A 2-step run through the command line, as a user leaves it."""
+    output_dir = tmp_path_factory.mktemp("cli") / "run"
+    run_train(tiny_overrides(images, output_dir, 2))
+    return output_dir
+
+
+def test_the_run_log_is_in_train_log(finished_run):
+    assert "Seed set to 42" in (finished_run / "train.log").read_text()
+
+
+def test_a_refused_command_changes_no_byte_of_the_run_folder(images, finished_run):
+    before = snapshot(finished_run)
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "checkpoints/last.ckpt"} <= before.keys()
+    fresh_start = run_train(tiny_overrides(images, finished_run, 3) + ["seed=7"], check=False)
+    assert_one_line_error(fresh_start, "already holds a run's checkpoints")
+    with open(finished_run / ".lock", "a+") as lock:  # the folder's lock held, as by a run in progress
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        live = run_train(tiny_overrides(images, finished_run, 3) + ["ckpt_path=auto"], check=False)
+    assert_one_line_error(live, "is in use by another run")
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("under", ["", "run"], ids=["a_file", "under_a_file"])
+def test_an_output_dir_that_cannot_be_a_folder_is_one_line(images, tmp_path, under):
+    (tmp_path / "file").write_text("keep me")
+    result = run_train(tiny_overrides(images, tmp_path / "file" / under, 2), check=False)
+    assert_one_line_error(result, "paths.output_dir=", "is a file")
+    assert (tmp_path / "file").read_text() == "keep me"

@@ -1,6 +1,7 @@
 """`train(cfg)`: build data, process, backbone, callbacks, loggers and trainer from a composed config, then fit."""
 
 import fcntl
+import logging
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from diffusion_lab.builders import build_model, build_net, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
-from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.io import atomic_path, check_writable_folder
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -55,6 +56,7 @@ def claim_output_dir(cfg: DictConfig):
     if rank_zero_only.rank != 0:
         yield
         return
+    check_writable_folder(cfg.paths.output_dir, "paths.output_dir")
     output_dir = Path(cfg.paths.output_dir).resolve()
     ckpt_path = cfg.get("ckpt_path")
     in_place = ckpt_path is not None and output_dir in Path(ckpt_path).resolve().parents
@@ -172,10 +174,38 @@ def check_sampler(model: nn.Module, sampler: Any) -> None:
     sampler.check(*model.sampling_grid(sampler))
 
 
-def write_resolved_config(cfg: DictConfig, output_dir: str) -> None:
-    """`<output_dir>/.hydra/config.yaml` with every interpolation resolved (Hydra writes it unresolved)."""
-    with atomic_path(f"{output_dir}/.hydra/config.yaml") as tmp:
+@rank_zero_only  # DDP ranks > 0 share rank 0's run folder
+def write_run_record(cfg: DictConfig) -> None:
+    """`<output_dir>/.hydra/`: config.yaml with every interpolation resolved and, under Hydra, the hydra.yaml and
+    overrides.yaml Hydra writes itself when `hydra.output_subdir` is set; here only once the folder is this run's."""
+    record = Path(cfg.paths.output_dir) / ".hydra"
+    with atomic_path(record / "config.yaml") as tmp:
         OmegaConf.save(cfg, tmp, resolve=True)
+    if HydraConfig.initialized():
+        for name, node in (("hydra.yaml", HydraConfig.instance().cfg), ("overrides.yaml", HydraConfig.get().overrides.task)):
+            with atomic_path(record / name) as tmp:
+                OmegaConf.save(node, tmp)
+
+
+@contextmanager
+def run_log_file(cfg: DictConfig):
+    """Rank 0's Python logging, Lightning's own loggers (which do not propagate to the root) included, also goes to
+    `<output_dir>/train.log` while the run lasts."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    handler = logging.FileHandler(Path(cfg.paths.output_dir) / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")
+                                       if not logging.getLogger(name).propagate]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -184,15 +214,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     resolve_ckpt_path(cfg)
+    resumed = check_resume(cfg) if cfg.get("ckpt_path") else None  # reads only: a refused run writes nothing
     with claim_output_dir(cfg):
-        return fit(cfg)
+        configure_wandb(cfg, resumed)
+        write_run_record(cfg)
+        with run_log_file(cfg):
+            return fit(cfg)
 
 
 def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Build everything from `cfg` and fit; a stopped run ends in one line saying which step last.ckpt holds."""
-    resumed = check_resume(cfg) if cfg.get("ckpt_path") else None
-    configure_wandb(cfg, resumed)
-    rank_zero_only(write_resolved_config)(cfg, cfg.paths.output_dir)  # DDP ranks > 0 share rank 0's run folder
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
