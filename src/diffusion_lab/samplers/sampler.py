@@ -1,13 +1,20 @@
 """`Sampler`: one configured sampler (algorithm, steps, spacing, options), as the `sampler` config group builds it."""
 
 import inspect
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from diffusion_lab.samplers.sampling import GRID_CHECKS, SAMPLERS, Denoiser, DenoiserOutput
+from diffusion_lab.samplers.denoiser import CountedDenoiser, Denoiser, reset_state
+from diffusion_lab.samplers.sampling import GRID_CHECKS, SAMPLERS
 from diffusion_lab.utils.errors import ConfigError
+
+
+def gaussian_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """N(0, I) of like's shape, device and dtype, drawn from `generator`."""
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 class Sampler:
@@ -54,23 +61,19 @@ class Sampler:
         noise_sampler: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """x_0 from x = noise at the first point of the grid (alphas, sigmas); float64 throughout the sampler's own
-        arithmetic. noise_sampler(like): the N(0, I) draws of a stochastic sampler (default: torch.randn from
-        `generator`; generate.py passes per-sample draws)."""
+        arithmetic. The denoiser's state (self-conditioning) starts afresh (`reset_state`). noise_sampler(like): the
+        N(0, I) draws of a stochastic sampler (default: torch.randn from `generator`; generate.py passes per-sample
+        draws)."""
         x = noise.to(torch.float64)
         alphas, sigmas = alphas.to(x.device, torch.float64), sigmas.to(x.device, torch.float64)
-        self.evaluations_used = 0
-
-        def counted(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            self.evaluations_used += 1
-            return denoiser(x, alpha, sigma)
-
-        def from_generator(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-
-        return SAMPLERS[self.algorithm](
-            counted, x, alphas, sigmas, callback=callback, noise_sampler=noise_sampler or from_generator,
-            **self.options
-        )
+        reset_state(denoiser)
+        counted = CountedDenoiser(denoiser)
+        if noise_sampler is None:
+            noise_sampler = partial(gaussian_noise, generator=generator)
+        x0 = SAMPLERS[self.algorithm](counted, x, alphas, sigmas, callback=callback, noise_sampler=noise_sampler,
+                                      **self.options)
+        self.evaluations_used = counted.evaluations
+        return x0
 
     def __repr__(self) -> str:
         options = "".join(f", {k}={v}" for k, v in self.options.items())
