@@ -11,7 +11,7 @@ from torch import nn
 from conftest import ROOT
 from test_resume import assert_same_run, last_checkpoint, run
 from tiny_run import image_folder, tiny_overrides
-from toy_models import gaussian_denoiser, gaussian_ode_solution
+from toy_models import TinyNet, gaussian_denoiser, gaussian_ode_solution
 
 from diffusion_lab.builders import build_model
 from diffusion_lab.diffusion.consistency import Consistency, heun_step
@@ -19,7 +19,7 @@ from diffusion_lab.diffusion.edm import EDM, karras_sigmas
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
-from diffusion_lab.diffusion.reflow import coupled_losses, straightness
+from diffusion_lab.diffusion.reflow import straightness
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.consistency_module import ConsistencyTrainingModule
 from diffusion_lab.models.diffusion_model import DiffusionModel
@@ -66,7 +66,7 @@ def test_consistency_function_is_exactly_the_identity_at_sigma_min():
     x = torch.randn(5, 1, 4, 4) * 3
     f = process.consistency_function(PixelMLP(), x, torch.full((5,), process.sigma_min, dtype=torch.float64))
     assert torch.equal(f, x)
-    c_skip, c_out, _, _ = process.scalings(torch.tensor([process.sigma_min, 1.0], dtype=torch.float64))
+    c_skip, c_out, _, _ = process.preconditioning(torch.tensor([process.sigma_min, 1.0], dtype=torch.float64))
     assert c_skip[0] == 1 and c_out[0] == 0 and c_out[1] > 0
 
 
@@ -106,8 +106,8 @@ def test_consistency_distillation_student_moves_towards_the_data(one_thread):
     for step in range(301):
         if step in (0, 100, 300):
             errors.append(moment_errors(Sampler("consistency", 1, "karras")(process.denoiser(net), x_T, alphas, sigmas)))
-        loss, _ = process.consistency_losses(net, target, toy_data(64, generator), generator, process.num_scales,
-                                             lambda x, sigma_next, sigma, z, kw: heun_step(teacher, x, sigma_next, sigma))
+        loss, _ = process.training_losses(net, toy_data(64, generator), generator, target_net=target,
+                                          estimate_previous=lambda x, sigma_next, sigma, z, kw: heun_step(teacher, x, sigma_next, sigma))
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
@@ -146,7 +146,8 @@ def teachers(tmp_path_factory):
 @pytest.mark.parametrize("teacher", ["edm", "ddpm"])
 def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teacher, tmp_path, one_thread):
     images, paths = teachers
-    extra = ["module.init_student=false"] if teacher == "ddpm" else []  # a DDPM network reads its inputs otherwise
+    # a DDPM network reads its inputs otherwise, and knows no level below its table's smallest (0.0709 for its schedule)
+    extra = ["module.init_student=false", "process.sigma_min=0.08"] if teacher == "ddpm" else []
     run(tiny("consistency_distillation", images, tmp_path / "cd", 3) + [f"teacher_ckpt={paths[teacher]}", *extra])
     checkpoint = last_checkpoint(tmp_path / "cd")
     assert not any(name.startswith("teacher") for name in checkpoint["state_dict"])  # reloaded from its path
@@ -168,6 +169,8 @@ def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teac
     (["teacher_ckpt={edm}", "model.dim=16"], "the student's backbone differs from the teacher's"),
     (["teacher_ckpt={ddpm}"], "a process ddpm objective=eps network, .*; set module.init_student=false"),
     (["teacher_ckpt={edm}", "process.sigma_data=1.0"], "set process.sigma_data to the teacher's 0.5"),
+    (["teacher_ckpt={ddpm}", "module.init_student=false"],
+     r"process.sigma_min=0.002 lies below the smallest noise level .* set process.sigma_min=0.0709 \(or more\)"),
 ])
 def test_consistency_distillation_bad_teacher_is_one_config_error_line(teachers, tmp_path, extra, message):
     images, paths = teachers
@@ -175,6 +178,25 @@ def test_consistency_distillation_bad_teacher_is_one_config_error_line(teachers,
     with pytest.raises(ConfigError, match=message) as error:
         run(tiny("consistency_distillation", images, tmp_path / "bad") + extra)
     assert "\n" not in str(error.value)
+
+
+def test_a_ddpm_teachers_eps_is_consistent_on_the_students_lowest_pair():
+    """Issue 26 item 7: a DDPM teacher's denoiser satisfies x = x_0 + sigma eps (so `heun_step` follows its ODE) at
+    both levels of the student's lowest pair when the student's sigma_min is the table's smallest level; at the
+    default sigma_min = 0.002, below that level, it does not (the timestep lookup clamps), which is why consistency
+    distillation refuses that pairing (`check_levels`, the case above)."""
+    teacher = GaussianDiffusion(beta_schedule("linear", 300))
+    denoiser = teacher.denoiser(TinyNet(channels=2), clip_denoised=False)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+
+    def consistent(sigma):
+        out = denoiser(x, one, sigma.reshape(1))
+        return torch.allclose(out.x0 + sigma * out.eps, x, rtol=0, atol=1e-10)
+
+    smallest = teacher.path.level_range()[0]
+    assert all(consistent(sigma) for sigma in Consistency(sigma_min=smallest).training_levels(18)[:2])
+    assert not consistent(Consistency().training_levels(18)[0])
 
 
 def test_reflow_lowers_the_straightness_of_the_exact_flow(one_thread):
@@ -190,7 +212,7 @@ def test_reflow_lowers_the_straightness_of_the_exact_flow(one_thread):
     optimizer = torch.optim.Adam(net.parameters(), 3e-3)
     for _ in range(300):
         index = torch.randint(0, len(noise), (128,), generator=generator)
-        loss, _ = coupled_losses(process, net, samples[index], noise[index], generator)
+        loss, _ = process.training_losses(net, samples[index], generator, noise=noise[index])
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
@@ -382,7 +404,7 @@ def test_consistency_loss_weighting_is_icts_or_uniform():
     losses = {}
     for weighting in ("ict", "uniform"):
         process = Consistency(num_scales=10, loss_weighting=weighting)
-        losses[weighting], u = process.consistency_losses(net, net, x0, torch.Generator().manual_seed(1), 10)
+        losses[weighting], u = process.training_losses(net, x0, torch.Generator().manual_seed(1), num_scales=10)
     sigmas = karras_sigmas(0.002, 80.0, 7.0, 10)
     n = (u * 8).round().long()  # u = n / (N - 2)
     torch.testing.assert_close(losses["ict"], losses["uniform"] / (sigmas[n + 1] - sigmas[n]).float())

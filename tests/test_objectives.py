@@ -8,7 +8,7 @@ import torch
 from toy_models import TinyNet
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
-from diffusion_lab.diffusion.paths import eps_from_x0
+from diffusion_lab.diffusion.paths import eps_from_x0, v_from_x0_eps
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
@@ -51,8 +51,8 @@ def test_weighted_losses_agree_in_x0_space(weighting):
         x_t = process.q_sample(x0, t, noise)
         a = process.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         eps_hat = eps_from_x0(x_t, a.sqrt(), (1 - a).sqrt(), x0_hat)
-        prediction = {"eps": eps_hat, "x0": x0_hat, "v": process.predict_v(x0_hat, eps_hat, t)}[objective]
-        target = {"eps": noise, "x0": x0, "v": process.predict_v(x0, noise, t)}[objective]
+        prediction = {"eps": eps_hat, "x0": x0_hat, "v": v_from_x0_eps(a.sqrt(), (1 - a).sqrt(), x0_hat, eps_hat)}[objective]
+        target = {"eps": noise, "x0": x0, "v": v_from_x0_eps(a.sqrt(), (1 - a).sqrt(), x0, noise)}[objective]
         losses.append(((prediction - target) ** 2).flatten(1).mean(1) * process.loss_weight(t))
     assert torch.allclose(losses[0], losses[1]) and torch.allclose(losses[1], losses[2])
 
@@ -66,7 +66,7 @@ class Converted(torch.nn.Module):
 
     def forward(self, x, t, **kwargs):
         eps = self.net(x, t, **kwargs)
-        a = self.process.alpha_bar_at(t).reshape(-1, 1, 1, 1)
+        a = self.process.path.alpha_bar(t).reshape(-1, 1, 1, 1)
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         return x0 if self.objective == "x0" else a.sqrt() * eps - (1 - a).sqrt() * x0
 
@@ -92,7 +92,7 @@ def test_objectives_sample_identically(algorithm, spacing, clip_denoised):
 def test_clipping_recomputes_eps(objective):
     process = GaussianDiffusion(beta_schedule("linear", 30), objective=objective)
     x_t = 3 * torch.randn(4, 2, 4, 4, dtype=torch.float64)
-    a = process.alpha_bar_at(torch.tensor([0.0, 7.5, 20.0, 29.0], dtype=torch.float64))
+    a = process.path.alpha_bar(torch.tensor([0.0, 7.5, 20.0, 29.0], dtype=torch.float64))
     out = process.denoiser(TinyNet(channels=2), clip_denoised=True)(x_t, a.sqrt(), (1 - a).sqrt())
     a = a.reshape(-1, 1, 1, 1)
     assert out.x0.abs().max() <= 1
@@ -121,9 +121,10 @@ def test_vlb_terms_against_torch_distributions():
     noise, error, v = torch.randn(3, 2, 1, 3, 3, dtype=torch.float64).unbind(0)
     t = torch.tensor([0, 17])
     x_t, prediction = process.q_sample(x0, t, noise), noise + 0.3 * error
-    got = process.vlb_terms(x0, x_t, t, prediction, v)
+    alpha, sigma = (table[t].reshape(-1, 1, 1, 1) for table in (process.sqrt_alphas_cumprod, process.sqrt_one_minus_alphas_cumprod))
+    x0_hat = process.to_x0_eps(x_t, alpha, sigma, prediction)[0]
+    got = process.vlb_terms(x0, x_t, t, x0_hat, (v + 1) / 2)
 
-    x0_hat = process.to_x0_eps(x_t, process.alphas_cumprod[t].reshape(-1, 1, 1, 1), prediction)[0]
     mean, _, _ = process.q_posterior(x0_hat, x_t, t)
     frac = (v + 1) / 2
     log_var = frac * process.betas[t].log().reshape(-1, 1, 1, 1) + (1 - frac) * process.posterior_log_variance_clipped[
@@ -147,14 +148,17 @@ def test_hybrid_loss_is_simple_plus_weighted_vlb_with_frozen_mean():
     generator = torch.Generator().manual_seed(0)
     t_ = torch.randint(0, 30, (3,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-    out = net(process.q_sample(x0, t_, noise), t_.double())
+    x_t = process.q_sample(x0, t_, noise)
+    alpha, sigma = (table[t_].reshape(-1, 1, 1, 1) for table in (process.sqrt_alphas_cumprod, process.sqrt_one_minus_alphas_cumprod))
+    out = net(x_t, t_.double())
     simple = ((out[:, :2] - noise) ** 2).flatten(1).mean(1)
-    vlb = process.vlb_terms(x0, process.q_sample(x0, t_, noise), t_, out[:, :2].detach(), out[:, 2:])
+    vlb = process.vlb_terms(x0, x_t, t_, process.to_x0_eps(x_t, alpha, sigma, out[:, :2])[0].detach(), (out[:, 2:] + 1) / 2)
     assert torch.equal(u, t_.double() / 30)
     assert torch.allclose(loss.double(), simple + 0.001 * 30 * vlb, rtol=1e-5)
     # the bound trains the variance only: its gradient on the mean channels is zero
-    out = net(process.q_sample(x0, t_, noise), t_.double()).detach().requires_grad_()
-    process.vlb_terms(x0, process.q_sample(x0, t_, noise), t_, out[:, :2].detach(), out[:, 2:]).sum().backward()
+    out = net(x_t, t_.double()).detach().requires_grad_()
+    x0_hat = process.to_x0_eps(x_t, alpha, sigma, out[:, :2])[0]
+    process.vlb_terms(x0, x_t, t_, x0_hat.detach(), (out[:, 2:] + 1) / 2).sum().backward()
     assert out.grad[:, :2].abs().max() == 0 and out.grad[:, 2:].abs().max() > 0
 
 

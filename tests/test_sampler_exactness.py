@@ -46,10 +46,10 @@ def test_all_steps_visit_every_timestep(spacing):
 
 
 def test_karras_timesteps_reach_the_karras_sigmas():
-    """alpha_bar_at on the fractional timesteps gives Karras et al.'s sigmas (Eq. 5, rho = 7)."""
+    """path.alpha_bar on the fractional timesteps gives Karras et al.'s sigmas (Eq. 5, rho = 7)."""
     process = GaussianDiffusion(beta_schedule("linear", 1000))
     t = timesteps_for("karras", process.alphas_cumprod, 10)
-    sigma = ((1 - process.alpha_bar_at(t)) / process.alpha_bar_at(t)).sqrt()
+    sigma = ((1 - process.path.alpha_bar(t)) / process.path.alpha_bar(t)).sqrt()
     sigmas_table = ((1 - process.alphas_cumprod) / process.alphas_cumprod).sqrt()
     lo, hi = sigmas_table[0] ** (1 / 7), sigmas_table[-1] ** (1 / 7)
     expected = (hi + torch.linspace(0, 1, 10, dtype=torch.float64) * (lo - hi)) ** 7
@@ -64,7 +64,7 @@ def test_full_chain_is_ho_et_al_ancestral_sampling():
     generator, x = torch.Generator().manual_seed(1), noise
     for t in reversed(range(T)):
         tt = torch.full((2,), t)
-        x0 = process.to_x0_eps(x, process.alphas_cumprod[t], net(x, tt.double()))[0].clamp(-1, 1)
+        x0 = process.to_x0_eps(x, process.sqrt_alphas_cumprod[t], process.sqrt_one_minus_alphas_cumprod[t], net(x, tt.double()))[0].clamp(-1, 1)
         mean, variance, _ = process.q_posterior(x0, x, tt)
         x = mean + (variance.sqrt() * torch.randn(x.shape, generator=generator, dtype=x.dtype) if t > 0 else 0)
     assert (ours - x).abs().max() < 1e-10

@@ -161,6 +161,6 @@ def test_karras_spacing_below_two_to_the_minus_24_matches_diffusers():
     scheduler = make_scheduler(diffusers.EulerDiscreteScheduler, process, use_karras_sigmas=True)
     scheduler.set_timesteps(10)
     timesteps = timesteps_for("karras", process.alphas_cumprod, 10)
-    alpha_bars = process.alpha_bar_at(timesteps)
+    alpha_bars = process.path.alpha_bar(timesteps)
     assert torch.allclose(((1 - alpha_bars) / alpha_bars).sqrt(), scheduler.sigmas[:-1].double(), rtol=1e-5)
     assert torch.allclose(timesteps, scheduler.timesteps.double(), atol=1e-3), timesteps.tolist()

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.edm import karras_sigmas, precondition, unit_alpha_denoiser
-from diffusion_lab.diffusion.process import GuidedNetwork, Process, broadcast
-from diffusion_lab.samplers.sampling import Denoiser
+from diffusion_lab.diffusion.edm import PreconditionedProcess, karras_sigmas
+from diffusion_lab.diffusion.paths import broadcast
+from diffusion_lab.samplers.denoiser import Denoiser
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("karras",)
@@ -62,7 +62,7 @@ def heun_step(teacher: Denoiser, x: Tensor, sigma_from: Tensor, sigma_to: Tensor
     return x + (sigma_to - sigma_from) * (d + teacher(x_euler, ones, sigma_to).eps) / 2
 
 
-class Consistency(Process):
+class Consistency(PreconditionedProcess):
     """The consistency function and its training losses; see the module docstring. num_scales: N of the
     discretisation that plain `training_losses` (consistency training at a fixed N) uses; noise_sampling: how the
     pair index n is drawn: uniform (Song et al. 2023) or lognormal, p(n) proportional to erf((ln sigma_{n+1} - P_mean)
@@ -106,7 +106,7 @@ class Consistency(Process):
         self.num_scales, self.noise_sampling, self.P_mean, self.P_std = num_scales, noise_sampling, P_mean, P_std
         self.huber_c, self.loss_weighting = huber_c, loss_weighting
 
-    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def preconditioning(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) at sigma (Song et al. 2023, App. C; c_in and c_noise of EDM)."""
         sd2 = self.sigma_data**2
         c_skip = sd2 / ((sigma - self.sigma_min) ** 2 + sd2)
@@ -114,9 +114,10 @@ class Consistency(Process):
         c_in = 1 / (sigma**2 + sd2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
 
-    def consistency_function(self, network, x: Tensor, sigma: Tensor, **net_kwargs) -> Tensor:
-        """f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) for per-sample sigma (B,) float64, in x's dtype."""
-        return precondition(network, x, self.scalings(sigma), **net_kwargs)
+    def consistency_function(self, net: nn.Module, x: Tensor, sigma: Tensor, **net_kwargs) -> Tensor:
+        """f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) for per-sample sigma (B,) float64, in x's dtype: the x_0 of
+        the process's denoiser over net."""
+        return self.core_denoiser(net)(x, torch.ones_like(sigma), sigma, **net_kwargs).x0
 
     def sample_index(self, sigmas: Tensor, batch: int, generator: torch.Generator) -> Tensor:
         """n (B,) in 0..N-2, the lower level of the pair (sigma_n, sigma_{n+1}), by `noise_sampling`."""
@@ -125,30 +126,33 @@ class Consistency(Process):
         cdf = torch.erf((sigmas.log() - self.P_mean) / (math.sqrt(2) * self.P_std))
         return torch.multinomial(cdf[1:] - cdf[:-1], batch, replacement=True, generator=generator)
 
-    def consistency_losses(
-        self, net: nn.Module, target_net: nn.Module, x0: Tensor, generator: torch.Generator, num_scales: int,
-        estimate_previous: EstimatePrevious | None = None, class_labels: Tensor | None = None,
-        metric: Metric | None = None,
+    def training_losses(
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None,
+        clip_x0: bool | None = None, num_scales: int | None = None, target_net: nn.Module | None = None,
+        estimate_previous: EstimatePrevious | None = None, metric: Metric | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Per-sample lambda(sigma_n) d(f_net(x_{n+1}, sigma_{n+1}), f_target(x_hat_n, sigma_n)), the target without
-        gradient, over N = num_scales levels; x_hat_n = estimate_previous(x_{n+1}, sigma_{n+1}, sigma_n, z, net_kwargs)
-        (CD: a teacher's ODE step) or, when None, x_0 + sigma_n z (CT); d = metric, or pseudo-Huber when None.
-        Returns (loss (B,), n / (N - 2))."""
-        sigmas = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, num_scales).to(x0.device)
+        """Per-sample lambda(sigma_n) d(f_net(x_{n+1}, sigma_{n+1}), f_target(x_hat_n, sigma_n)) over N = num_scales
+        levels (None: process.num_scales), the target network (None: net itself, iCT's mu = 0) without gradient;
+        x_hat_n = estimate_previous(x_{n+1}, sigma_{n+1}, sigma_n, z, net_kwargs) (CD: a teacher's ODE step) or, when
+        None, x_0 + sigma_n z (CT); d = metric, or pseudo-Huber when None; label dropout and self-conditioning as
+        `Process.training_kwargs`. The curriculum of iCT is `ConsistencyTrainingModule`'s. Returns (loss (B,),
+        n / (N - 2))."""
+        num_scales = self.num_scales if num_scales is None else num_scales
+        target_net = net if target_net is None else target_net
+        sigmas = self.training_levels(num_scales).to(x0.device)
         n = self.sample_index(sigmas, x0.shape[0], generator)
         sigma, sigma_next = sigmas[n], sigmas[n + 1]
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_next = x0 + broadcast(sigma_next, x0) * z
-        c_skip, c_out, c_in, c_noise = self.scalings(sigma_next)
-        net_kwargs = self.training_kwargs(net, broadcast(c_in, x0) * x_next, c_noise.to(x0.dtype), generator, class_labels,
-                                          lambda out: broadcast(c_skip, x0) * x_next + broadcast(c_out, x0) * out)
+        x_next = self.path.sample(x0, sigma_next, z)
+        student, ones = self.core_denoiser(net), torch.ones_like(sigma)
+        net_kwargs = self.training_kwargs(student, x_next, ones, sigma_next, generator, class_labels, clip_x0)
         with torch.no_grad():
             if estimate_previous is None:
-                x_hat = x0 + broadcast(sigma, x0) * z
+                x_hat = self.path.sample(x0, sigma, z)
             else:
                 x_hat = estimate_previous(x_next, sigma_next, sigma, z, net_kwargs).to(x0.dtype)
             target = self.consistency_function(target_net, x_hat, sigma, **net_kwargs)
-        prediction = self.consistency_function(net, x_next, sigma_next, **net_kwargs)
+        prediction = student(x_next, ones, sigma_next, **net_kwargs).x0
         weight = (1 / (sigma_next - sigma)).float() if self.loss_weighting == "ict" else torch.ones_like(sigma).float()
         if metric is None:
             c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
@@ -157,12 +161,10 @@ class Consistency(Process):
             distance = metric(prediction, target)
         return weight * distance, n.double() / max(num_scales - 2, 1)
 
-    def training_losses(
-        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Consistency training at N = num_scales with the network itself, without gradient, as the target (iCT's
-        mu = 0); the curriculum of iCT is `ConsistencyTrainingModule`'s."""
-        return self.consistency_losses(net, net, x0, generator, self.num_scales, class_labels=class_labels)
+    def training_levels(self, num_scales: int) -> Tensor:
+        """sigma_1 < ... < sigma_N, the rho-spaced levels from sigma_min to sigma_max whose adjacent pairs training
+        draws (`karras_sigmas`)."""
+        return karras_sigmas(self.sigma_min, self.sigma_max, self.rho, num_scales)
 
     def sampling_grid(self, steps: int, spacing: str = "karras") -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) = (1, tau): sigma_max and then the rho-spaced levels of Eq. 5 over steps + 1 points from
@@ -176,12 +178,3 @@ class Consistency(Process):
         taus = karras_sigmas(self.sigma_min, self.sigma_max, self.rho, steps + 1).flip(0)[:-1]
         sigmas = torch.cat([taus, taus.new_zeros(1)])
         return torch.ones_like(sigmas), sigmas
-
-    def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-        class_labels: Tensor | None = None,
-    ) -> Denoiser:
-        """`edm.unit_alpha_denoiser` over the consistency function (no clipping by default)."""
-        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        return unit_alpha_denoiser(self.consistency_function, GuidedNetwork(net, guidance_scale, class_labels),
-                                   clip_denoised)

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract, normal_kl
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract
+from diffusion_lab.diffusion.likelihood import normal_kl
 from diffusion_lab.diffusion.paths import broadcast, eps_from_x0
-from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.samplers.denoiser import DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 BIN_WIDTH = 2 / 255  # one 8-bit level in [-1, 1]
@@ -79,10 +80,11 @@ class DPM2015Diffusion(GaussianDiffusion):
         return x0 + (u - 0.5) * BIN_WIDTH
 
     def training_losses(
-        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None,
+        clip_x0: bool | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The bound in bits/dim per sample, estimated at one t ~ U{1..T-1} (index) per sample; u, t and the noise
-        are drawn from `generator`. Returns (loss (B,), t / T (B,))."""
+        are drawn from `generator` (no self-conditioning, so clip_x0 plays no part). Returns (loss (B,), t / T (B,))."""
         net_kwargs = {} if class_labels is None else {"class_labels": class_labels}
         t = torch.randint(1, self.num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         x0 = self.dequantize(x0, generator)
@@ -104,37 +106,31 @@ class DPM2015Diffusion(GaussianDiffusion):
 
     # Sampling -----------------------------------------------------------------------------------
 
-    def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-        class_labels: Tensor | None = None,
-    ) -> Denoiser:
+    def network_inputs(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The path point and the nearest integer timestep (the net knows no others)."""
+        return x, t.round()
+
+    def read_output(self, x: Tensor, t: Tensor, output: Tensor) -> DenoiserOutput:
         """The learned p(x_{t-1} | x_t) = N(mu, sigma^2) in the samplers' terms: x_0 such that the posterior mean
         mu_tilde(x_t, x_0) = mu, and v such that sigma^2 = exp(v log beta_t + (1 - v) log beta_tilde_t). So
         sampler=ddpm with variance=auto over all T steps draws exactly from the learned Gaussians (the paper's
-        sampling); other samplers and fewer steps use the same x_0 and v as they would a DDPM's. The noise level
-        is taken at the nearest integer timestep (the net knows no others); at t = 0 (not learned) x_0 = x_t.
-        Clipping x_0 to [-1, 1] (clip_denoised=true; off by default, `clip_x0`) moves mu accordingly."""
-        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
+        sampling); other samplers and fewer steps use the same x_0 and v as they would a DDPM's. At t = 0 (not
+        learned) x_0 = x_t. Clipping x_0 (clip_denoised=true; off by default, `clip_x0`) moves mu accordingly."""
+        step = t.round().long()
+        mean, log_variance = self.p_mean_log_variance(output, x, step)
+        coef1 = extract(self.posterior_mean_coef1, step, x.ndim).to(x.dtype)
+        coef2 = extract(self.posterior_mean_coef2, step, x.ndim).to(x.dtype)
+        first = (step == 0).reshape(-1, *([1] * (x.ndim - 1)))
+        x0 = torch.where(first, x, (mean - coef2 * x) / coef1)
+        alpha_bar = extract(self.alphas_cumprod, step, x.ndim).to(x.dtype)
+        log_beta = extract(self.betas.log(), step, x.ndim).to(x.dtype)
+        log_beta_tilde = extract(self.posterior_log_variance_clipped, step, x.ndim).to(x.dtype)
+        v = torch.where(first, torch.ones_like(x), (log_variance - log_beta_tilde) / (log_beta - log_beta_tilde))
+        return DenoiserOutput(x0, eps_from_x0(x, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x0), v)
+
+    def denoiser(self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+                 class_labels: Tensor | None = None, clip_x0: bool | None = None) -> nn.Module:
+        """`Process.denoiser`, without classifier-free guidance (the bound is trained on the labels as given)."""
         if guidance_scale != 1:
             raise ConfigError(f"guidance_scale={guidance_scale}: process=dpm2015 has no classifier-free guidance; use 1")
-        net_kwargs = {} if class_labels is None else {"class_labels": class_labels}
-
-        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            step = self.timestep_at(alpha, sigma).round().long().expand(x.shape[0])
-            x_t = x / broadcast(self.path.locate(alpha, sigma)[1], x)
-            param = next(net.parameters())
-            output = net(x_t.to(param.dtype), step.to(param.dtype), **net_kwargs)
-            mean, log_variance = self.p_mean_log_variance(output, x_t, step)
-            coef1 = extract(self.posterior_mean_coef1, step, x_t.ndim).to(x_t.dtype)
-            coef2 = extract(self.posterior_mean_coef2, step, x_t.ndim).to(x_t.dtype)
-            first = (step == 0).reshape(-1, *([1] * (x_t.ndim - 1)))
-            x0 = torch.where(first, x_t, (mean - coef2 * x_t) / coef1)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            alpha_bar = extract(self.alphas_cumprod, step, x_t.ndim).to(x_t.dtype)
-            log_beta = extract(self.betas.log(), step, x_t.ndim).to(x_t.dtype)
-            log_beta_tilde = extract(self.posterior_log_variance_clipped, step, x_t.ndim).to(x_t.dtype)
-            v = torch.where(first, torch.ones_like(x_t), (log_variance - log_beta_tilde) / (log_beta - log_beta_tilde))
-            return DenoiserOutput(x0, eps_from_x0(x_t, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x0), v)
-
-        return denoise
+        return super().denoiser(net, clip_denoised, 1.0, class_labels, clip_x0)

@@ -12,14 +12,12 @@ with the EDM sampler (`sampler=edm`, Alg. 2) or any other; spacing `trailing` ta
 then 0, so that the N-step grid is the even half of the 2N-step one (progressive distillation's nested grids).
 """
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.paths import VEPath, broadcast, eps_from_x0
-from diffusion_lab.diffusion.process import GuidedNetwork, Process
-from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.diffusion.process import Process
+from diffusion_lab.samplers.denoiser import DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 SPACINGS = ("karras", "trailing")
@@ -37,34 +35,31 @@ def rho_ramp(sigma_min: float, sigma_max: float, rho: float, ramp: Tensor) -> Te
     return (sigma_min**inv_rho + ramp * (sigma_max**inv_rho - sigma_min**inv_rho)) ** rho
 
 
-def precondition(network, x: Tensor, scalings: tuple[Tensor, Tensor, Tensor, Tensor], **net_kwargs) -> Tensor:
-    """c_skip x + c_out F(c_in x, c_noise) for per-sample scalings (B,) float64, in x's dtype: EDM's D (Table 1),
-    and the consistency function with its own c_skip, c_out (Song et al. 2023, App. C)."""
-    c_skip, c_out, c_in, c_noise = scalings
-    output = network(broadcast(c_in, x) * x, c_noise.to(x.dtype), **net_kwargs)
-    return broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+class PreconditionedProcess(Process):
+    """A process on the path alpha = 1, sigma = t (`VEPath`) whose network is preconditioned (Karras et al. 2022,
+    Table 1): D(x; sigma) = c_skip x + c_out F(c_in x; c_noise), with (c_skip, c_out, c_in, c_noise) =
+    `preconditioning(sigma)`; EDM's D and the consistency function differ only in c_skip and c_out."""
+
+    def __init__(self, cond_drop_prob: float):
+        super().__init__(cond_drop_prob)
+        self.path = VEPath()
+
+    def preconditioning(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def network_inputs(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_in x, c_noise)."""
+        _, _, c_in, c_noise = self.preconditioning(sigma)
+        return broadcast(c_in, x) * x, c_noise
+
+    def read_output(self, x: Tensor, sigma: Tensor, output: Tensor) -> DenoiserOutput:
+        """x_0 = c_skip x + c_out F and eps = (x - x_0) / sigma."""
+        c_skip, c_out, _, _ = self.preconditioning(sigma)
+        x0 = broadcast(c_skip, x) * x + broadcast(c_out, x) * output
+        return DenoiserOutput(x0, eps_from_x0(x, 1, broadcast(sigma, x), x0))
 
 
-def unit_alpha_denoiser(denoise: Callable[[GuidedNetwork, Tensor, Tensor], Tensor], network: GuidedNetwork,
-                        clip_denoised: bool) -> Denoiser:
-    """(x, alpha, sigma) -> DenoiserOutput for a process with alpha = 1 whose x_0 estimate is `denoise(network, x,
-    sigma)` (EDM's D, the consistency function): x_0 = denoise(x / alpha, sigma / alpha), eps = (x / alpha - x_0) /
-    (sigma / alpha); clipping x_0 recomputes eps."""
-
-    def denoiser(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-        level, scale = VEPath().locate(alpha, sigma)
-        level = level.expand(x.shape[0])
-        x_e = x / broadcast(scale, x)
-        x0 = denoise(network, x_e, level)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        network.remember(x0)
-        return DenoiserOutput(x0, eps_from_x0(x_e, 1, broadcast(level, x), x0))
-
-    return denoiser
-
-
-class EDM(Process):
+class EDM(PreconditionedProcess):
     """Karras et al. 2022's preconditioned denoiser, training and noise levels; see the module docstring."""
 
     name = "edm"
@@ -102,26 +97,19 @@ class EDM(Process):
         """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out^2 (Table 1)."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def denoise(self, network, x: Tensor, sigma: Tensor) -> Tensor:
-        """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for per-sample sigma (B,) float64, in x's dtype."""
-        return precondition(network, x, self.preconditioning(sigma))
-
-    def training_losses(
-        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def training_losses(self, net: nn.Module, x0: Tensor, generator: torch.Generator,
+                        class_labels: Tensor | None = None, clip_x0: bool | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample lambda(sigma) mean ||D(x_0 + sigma eps; sigma) - x_0||^2 with ln sigma ~ N(P_mean, P_std^2)
-        and eps ~ N(0, I) from `generator` (their Sec. 5, Table 1); label dropout and self-conditioning as
-        `Process.training_kwargs`. Returns (loss (B,), u (B,)) with u = Phi((ln sigma - P_mean) / P_std), the
-        quantile of sigma under the training density."""
+        and eps ~ N(0, I) from `generator` (their Sec. 5, Table 1; EDM's `EDMLoss`); label dropout and
+        self-conditioning as `Process.training_kwargs`. Returns (loss (B,), u (B,)) with u = Phi((ln sigma - P_mean) /
+        P_std), the quantile of sigma under the training density."""
         normal = torch.randn(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float64)
         sigma = (self.P_mean + self.P_std * normal).exp()
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x = x0 + broadcast(sigma, x0) * noise
-        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
-        x_in, t_in = broadcast(c_in, x0) * x, c_noise.to(x0.dtype)
-        net_kwargs = self.training_kwargs(net, x_in, t_in, generator, class_labels,
-                                          lambda out: broadcast(c_skip, x0) * x + broadcast(c_out, x0) * out)
-        denoised = broadcast(c_skip, x0) * x + broadcast(c_out, x0) * net(x_in, t_in, **net_kwargs)
+        x = self.path.sample(x0, sigma, noise)
+        denoiser, alpha = self.core_denoiser(net), torch.ones_like(sigma)
+        net_kwargs = self.training_kwargs(denoiser, x, alpha, sigma, generator, class_labels, clip_x0)
+        denoised = denoiser(x, alpha, sigma, **net_kwargs).x0
         per_sample = ((denoised.float() - x0.float()) ** 2).flatten(1).mean(1) * self.loss_weight(sigma).float()
         return per_sample, torch.special.ndtr(normal)
 
@@ -143,11 +131,3 @@ class EDM(Process):
             sigmas = rho_ramp(self.sigma_min, self.sigma_max, self.rho, ramp)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         return torch.ones_like(sigmas), sigmas
-
-    def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-        class_labels: Tensor | None = None,
-    ) -> Denoiser:
-        """`unit_alpha_denoiser` over D (off by default, as the paper: no clipping)."""
-        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        return unit_alpha_denoiser(self.denoise, GuidedNetwork(net, guidance_scale, class_labels), clip_denoised)

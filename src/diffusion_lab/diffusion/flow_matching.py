@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.paths import RectifiedFlowPath, broadcast, eps_from_x0, x0_eps_from_velocity
-from diffusion_lab.diffusion.process import GuidedNetwork, Process
-from diffusion_lab.samplers.sampling import Denoiser, DenoiserOutput
+from diffusion_lab.diffusion.paths import RectifiedFlowPath, broadcast, velocity_from_x0_eps, x0_eps_from_velocity
+from diffusion_lab.diffusion.process import Process
+from diffusion_lab.samplers.denoiser import DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "mode")
@@ -77,24 +77,37 @@ class FlowMatching(Process):
         return 1 - u - self.mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
 
     def training_losses(
-        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None
+        self, net: nn.Module, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None,
+        clip_x0: bool | None = None, noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample mean ||v_hat(x_t, t) - (eps - x_0)||^2 with t from `sample_time` and eps ~ N(0, I) from
-        `generator` (Lipman et al. 2023, Eq. 23; Liu et al. 2023); label dropout and self-conditioning as
-        `Process.training_kwargs`. Returns (loss (B,), t (B,))."""
+        `generator`, or the eps given as `noise` (a coupling, as reflow's) (Lipman et al. 2023, Eq. 23; Liu et al.
+        2023, Eq. 1); label dropout and self-conditioning as `Process.training_kwargs`. Returns (loss (B,), t (B,))."""
         t = self.sample_time(x0.shape[0], generator, x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.path.sample(x0, t, noise)
-        t_in = (self.time_scale * t).to(x0.dtype)
-        net_kwargs = self.training_kwargs(net, x_t, t_in, generator, class_labels, lambda v: self.x0_eps(x_t, t, v)[0])
-        velocity = net(x_t, t_in, **net_kwargs)
-        per_sample = F.mse_loss(velocity.float(), (noise - x0).float(), reduction="none").flatten(1).mean(1)
+        denoiser, alpha = self.core_denoiser(net), self.path.alpha(t)
+        net_kwargs = self.training_kwargs(denoiser, x_t, alpha, t, generator, class_labels, clip_x0)
+        out = denoiser(x_t, alpha, t, **net_kwargs)
+        d_alpha, d_sigma = broadcast(self.path.d_alpha(t), x0), broadcast(self.path.d_sigma(t), x0)
+        velocity = velocity_from_x0_eps(d_alpha, d_sigma, out.x0, out.eps)
+        target = velocity_from_x0_eps(d_alpha, d_sigma, x0, noise)
+        per_sample = F.mse_loss(velocity.float(), target.float(), reduction="none").flatten(1).mean(1)
         return per_sample, t
 
     def x0_eps(self, x_t: Tensor, t: Tensor, velocity: Tensor) -> tuple[Tensor, Tensor]:
         """(x_0, eps) = (x_t - t v, x_t + (1 - t) v) from the velocity at per-sample t (B,), by the path's conversion."""
         path, t = self.path, broadcast(t, x_t)
         return x0_eps_from_velocity(x_t, path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t), velocity)
+
+    def network_inputs(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t and time_scale * t."""
+        return x, self.time_scale * t
+
+    def read_output(self, x: Tensor, t: Tensor, output: Tensor) -> DenoiserOutput:
+        """The output is the velocity v_hat: (x_0, eps) by `x0_eps`."""
+        return DenoiserOutput(*self.x0_eps(x, t, output))
 
     def sampling_grid(self, steps: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) = (1 - t, t) at t = shift_time(linspace(1, 0, steps + 1)): `steps` noisy points from
@@ -106,26 +119,3 @@ class FlowMatching(Process):
             raise ConfigError(f"sampler.steps={steps} must be an integer >= 1")
         t = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), self.shift)
         return 1 - t, t
-
-    def denoiser(
-        self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-        class_labels: Tensor | None = None,
-    ) -> Denoiser:
-        """(x, alpha, sigma) -> DenoiserOutput: the path point of that noise level is t = sigma / (alpha + sigma),
-        x_t = x / (alpha + sigma); from v_hat, x_0 = x_t - t v_hat and eps = x_t + (1 - t) v_hat. Clipping x_0
-        (clip_denoised; off by default) recomputes eps = (x_t - (1 - t) x_0) / t."""
-        clip_denoised = self.clip_x0 if clip_denoised is None else clip_denoised
-        network = GuidedNetwork(net, guidance_scale, class_labels)
-
-        def denoise(x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
-            t, scale = self.path.locate(alpha, sigma)
-            x_t = x / broadcast(scale, x)
-            velocity = network(x_t, self.time_scale * t)
-            x0, eps = self.x0_eps(x_t, t, velocity)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-                eps = eps_from_x0(x_t, broadcast(self.path.alpha(t), x), broadcast(self.path.sigma(t), x), x0)
-            network.remember(x0)
-            return DenoiserOutput(x0, eps)
-
-        return denoise

@@ -14,6 +14,8 @@ A path also maps any noise level (alpha, sigma) to its own point of the same sig
 that a sampler may step in another frame than the path's. The conversions below are written once, for all paths.
 """
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -91,6 +93,11 @@ class GaussianPath(nn.Module):
 
     def locate(self, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def level_range(self) -> tuple[float, float]:
+        """(smallest, largest) noise level sigma / alpha that the path's time reaches: all of (0, inf) for a
+        continuous path."""
+        return 0.0, math.inf
 
     def sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = alpha_t x_0 + sigma_t eps for per-sample t (B,), in x0's dtype."""

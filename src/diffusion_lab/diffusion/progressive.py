@@ -12,7 +12,7 @@ the x_0 that makes one DDIM step from z_t land on z_t''; the loss is max(SNR_t, 
 import torch
 from torch import Tensor
 
-from diffusion_lab.samplers.sampling import Denoiser
+from diffusion_lab.samplers.denoiser import Denoiser
 
 
 def ddim_step(denoiser: Denoiser, z: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:

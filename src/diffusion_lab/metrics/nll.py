@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion, discretized_gaussian_log_likelihood, extract, normal_kl
+from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract
+from diffusion_lab.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.errors import ConfigError
 

@@ -5,16 +5,15 @@ teacher (frozen, reloaded from teacher_ckpt, never saved in the student's checkp
 frozen and reloaded from its files the same way) and the step count of the curriculum. The student is model.net
 under the Consistency process: its checkpoint samples like any other."""
 
-import copy
 import math
 
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.consistency import Consistency, Metric, heun_step, lpips_metric
+from diffusion_lab.diffusion.consistency import Metric, heun_step, lpips_metric
 from diffusion_lab.metrics.lpips import LIN_URL, VGG16_URL, load_lpips
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.teacher import Frozen, describe, init_from_teacher, load_teacher
+from diffusion_lab.models.teacher import Frozen, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
 
 METRICS = ("pseudo_huber", "lpips")
@@ -31,14 +30,14 @@ class ConsistencyModule(DiffusionModule):
                  lpips_weights: str | None = None, vgg_weights: str | None = None, lpips_pooling: str | None = None,
                  **kwargs):
         super().__init__(model, *args, **kwargs)
-        if not isinstance(model.process, Consistency):
-            raise ConfigError(f"module {type(self).__name__} trains process=consistency, not process {model.process.name}")
+        if model.process_name != "consistency":
+            raise ConfigError(f"module {type(self).__name__} trains process=consistency, not process {model.process_name}")
         if self.cache_latents:
             raise ConfigError("module.cache_latents=true is not supported when training a consistency model; set it false")
         if not 0 <= target_decay < 1:
             raise ConfigError(f"module.target_decay={target_decay} must be in [0, 1)")
         self.target_decay = target_decay
-        self.target_net = copy.deepcopy(model.net).requires_grad_(False) if target_decay > 0 else None
+        self.target_net = model.backbone_copy() if target_decay > 0 else None
         self.lpips = self.metric_network(metric, lpips_weights, vgg_weights, lpips_pooling)
 
     def metric_network(self, metric: str, lpips_weights: str | None, vgg_weights: str | None,
@@ -52,8 +51,8 @@ class ConsistencyModule(DiffusionModule):
                 raise ConfigError("module.lpips_weights, module.vgg_weights and module.lpips_pooling are read only with "
                                   "module.metric=lpips; set it or drop them")
             return None
-        if self.model.process.huber_c is not None:
-            raise ConfigError(f"process.huber_c={self.model.process.huber_c} is the pseudo-Huber constant, unused with "
+        if self.model.setting("huber_c") is not None:
+            raise ConfigError(f"process.huber_c={self.model.setting('huber_c')} is the pseudo-Huber constant, unused with "
                               "module.metric=lpips; drop it")
         if self.model.latent or self.model.sample_shape[0] not in (1, 3):
             raise ConfigError(f"module.metric=lpips compares 1- or 3-channel images; this model's samples are "
@@ -66,7 +65,7 @@ class ConsistencyModule(DiffusionModule):
         return Frozen(load_lpips(lpips_weights, vgg_weights, pooling or "max"))
 
     def metric(self) -> Metric | None:
-        """d of the loss for `Consistency.consistency_losses`: None is its pseudo-Huber."""
+        """d of the loss for `Consistency.training_losses`: None is its pseudo-Huber."""
         return None if self.lpips is None else lpips_metric(self.lpips.model)
 
     def on_fit_start(self) -> None:
@@ -74,41 +73,38 @@ class ConsistencyModule(DiffusionModule):
         if self.lpips is not None:
             self.lpips.model.to(self.device)
 
-    def target(self):
-        return self.model.net if self.target_net is None else self.target_net
-
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.target_net is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.target_net.parameters()), list(self.model.net.parameters()),
-                                     1 - self.target_decay)
+            self.model.update_average(self.target_net, self.target_decay)
 
 
 class ConsistencyDistillationModule(ConsistencyModule):
     """CD: x_hat_n from x_{n+1} by a Heun step of the teacher's denoiser between adjacent levels of N = num_scales
     (process.num_scales); with init_student the student starts from the teacher's backbone weights
     (init_from_teacher), which only an EDM teacher of the student's sigma_data feeds as the student does (the same c_in
-    and c_noise); a DDPM teacher's student starts from scratch (init_student=false)."""
+    and c_noise); a DDPM teacher's student starts from scratch (init_student=false). The student's levels must lie
+    where the teacher's denoiser is defined (`check_levels`)."""
 
     def __init__(self, model, *args, teacher_ckpt: str | None = None, init_student: bool = True, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.teacher = load_teacher(teacher_ckpt, ("edm", "ddpm"), model, "consistency_distillation")
-        teacher_process = self.teacher.model.process
-        if init_student and teacher_process.name != "edm":
+        teacher = self.teacher.model
+        if init_student and teacher.process_name != "edm":
             raise ConfigError(f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, "
-                              f"a {describe(teacher_process)} network, which reads noisy inputs and time otherwise than the "
+                              f"a {teacher.describe()} network, which reads noisy inputs and time otherwise than the "
                               "student's EDM c_in and c_noise; set module.init_student=false (Song et al. 2023 start from "
                               "an EDM teacher)")
-        if init_student and teacher_process.sigma_data != model.process.sigma_data:
+        if init_student and teacher.setting("sigma_data") != model.setting("sigma_data"):
             raise ConfigError(f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, "
                               f"trained with c_in = 1 / sqrt(sigma^2 + sigma_data^2) at sigma_data="
-                              f"{teacher_process.sigma_data}; set process.sigma_data to the teacher's "
-                              f"{teacher_process.sigma_data}")
+                              f"{teacher.setting('sigma_data')}; set process.sigma_data to the teacher's "
+                              f"{teacher.setting('sigma_data')}")
+        check_levels(model, teacher, teacher_ckpt)
         if init_student:
-            init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
+            init_from_teacher(model, teacher, teacher_ckpt)
             if self.target_net is not None:
-                self.target_net.load_state_dict(model.net.state_dict())
+                self.target_net.load_state_dict(model.backbone_state())
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -123,9 +119,21 @@ class ConsistencyDistillationModule(ConsistencyModule):
             denoiser = self.teacher.model.denoiser(False, class_labels=net_kwargs.get("class_labels"))
             return heun_step(denoiser, x_next, sigma_next, sigma)
 
-        process = self.model.process
-        return process.consistency_losses(self.model.net, self.target(), x0, generator, process.num_scales,
-                                          teacher_step, labels, self.metric())
+        return self.model.loss(x0, generator, labels, target_net=self.target_net, estimate_previous=teacher_step,
+                               metric=self.metric())
+
+
+def check_levels(student, teacher, path: str) -> None:
+    """The student's lowest level sigma_min must be one the teacher's denoiser is defined at: a DDPM teacher knows
+    only its table's levels, and below the smallest its timestep lookup clamps, so that its eps no longer satisfies
+    x = x_0 + sigma eps and the Heun step of the lowest pair (the one that anchors f(x, sigma_min) = x) goes wrong.
+    The student's grid is not moved silently: sigma_min is its boundary condition, saved in its config and read by
+    the consistency sampler, so a mismatch is one ConfigError line naming the value to set."""
+    smallest = teacher.level_range()[0]
+    if student.setting("sigma_min") < smallest:
+        raise ConfigError(f"process.sigma_min={student.setting('sigma_min')} lies below the smallest noise level of "
+                          f"teacher_ckpt={path} ({teacher.describe()}: sigma = {smallest:.6g}), where its denoiser is not "
+                          f"defined; set process.sigma_min={math.ceil(smallest * 1e4) / 1e4} (or more)")
 
 
 class ConsistencyTrainingModule(ConsistencyModule):
@@ -150,6 +158,5 @@ class ConsistencyTrainingModule(ConsistencyModule):
         inputs, labels = batch
         x0 = self.model.encode(inputs, generator)
         labels = labels if self.model.conditional else None
-        return self.model.process.consistency_losses(self.model.net, self.target(), x0, generator,
-                                                     self.num_scales(self.global_step), class_labels=labels,
-                                                     metric=self.metric())
+        return self.model.loss(x0, generator, labels, num_scales=self.num_scales(self.global_step),
+                               target_net=self.target_net, metric=self.metric())

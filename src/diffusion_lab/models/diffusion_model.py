@@ -6,14 +6,14 @@ diffusion (Rombach et al. 2022) a frozen autoencoder, so `encode` maps images to
 `decode` maps samples back to images, for every consumer alike.
 """
 
+import copy
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion.process import vp_norm
+from diffusion_lab.diffusion.paths import vp_norm
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.samplers.sampling import Denoiser
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -41,6 +41,57 @@ class DiffusionModel(nn.Module):
     def latent(self) -> bool:
         return self.first_stage is not None
 
+    @property
+    def process_name(self) -> str:
+        return self.process.name
+
+    def describe(self) -> str:
+        """How a message names the process's parameterisation: "process edm", "process ddpm objective=v"."""
+        objective = getattr(self.process, "objective", None)
+        return f"process {self.process.name}" + (f" objective={objective}" if objective else "")
+
+    def setting(self, name: str):
+        """A setting of the process as configured (process.<name>: sigma_data, sigma_min, num_timesteps, ...)."""
+        if not hasattr(self.process, name):
+            raise ConfigError(f"process {self.process.name} has no setting {name}")
+        return getattr(self.process, name)
+
+    @property
+    def output_channels(self) -> int:
+        """The channels the backbone outputs for this model's samples (twice as many for a learned variance)."""
+        return self.process.output_channels(self.sample_shape[0])
+
+    def level_range(self) -> tuple[float, float]:
+        """(smallest, largest) noise level sigma / alpha the denoiser is defined at (`GaussianPath.level_range`)."""
+        return self.process.path.level_range()
+
+    def backbone_state(self) -> dict[str, Tensor]:
+        return self.net.state_dict()
+
+    def copy_backbone_from(self, other: "DiffusionModel") -> None:
+        """Load the other model's backbone weights into this one's (RuntimeError for a backbone of another shape)."""
+        self.net.load_state_dict(other.backbone_state())
+
+    def backbone_copy(self) -> nn.Module:
+        """A copy of the backbone without gradients: a target network, or a teacher for the next distillation stage."""
+        return copy.deepcopy(self.net).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_average(self, average: nn.Module, decay: float) -> None:
+        """average <- decay average + (1 - decay) backbone, parameter by parameter (a target network's EMA)."""
+        torch._foreach_lerp_(list(average.parameters()), list(self.net.parameters()), 1 - decay)
+
+    def drop_labels(self, class_labels: Tensor, generator: torch.Generator) -> Tensor:
+        """Class labels with the process's training dropout to the null class `num_classes`."""
+        return self.process.drop_labels(class_labels, generator, self.num_classes)
+
+    @property
+    def clip_x0(self) -> bool:
+        """Whether x_0 estimates lie in [-1, 1]: pixels under a process that clips (`process.clip_x0`), never latents.
+        Sampling clips x_0 by default where this holds, and self-conditioning feeds the clamped x_0 in training and
+        sampling alike where it holds (`diffusion.denoisers.self_condition_input`)."""
+        return self.process.clip_x0 and not self.latent
+
     @torch.no_grad()
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """What the process diffuses for images in [-1, 1]: the images, or scale_factor * z, z ~ q(z | x)."""
@@ -51,21 +102,31 @@ class DiffusionModel(nn.Module):
         """Images for what the process samples: the samples, or D(z / scale_factor)."""
         return samples if self.first_stage is None else self.first_stage.decode(samples)
 
-    def loss(self, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def loss(self, x0: Tensor, generator: torch.Generator, class_labels: Tensor | None = None,
+             **options) -> tuple[Tensor, Tensor]:
         """The process's per-sample training loss on x0 (already encoded; see `encode`) and where along the path
-        (u in [0, 1]) each sample was drawn."""
-        return self.process.training_losses(self.net, x0, generator, class_labels if self.conditional else None)
+        (u in [0, 1]) each sample was drawn; options: the process's own (flow matching's coupled `noise`, the
+        consistency losses' `num_scales`, `target_net`, `estimate_previous`, `metric`)."""
+        return self.process.training_losses(self.net, x0, generator, class_labels if self.conditional else None,
+                                            clip_x0=self.clip_x0, **options)
 
     def denoiser(self, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-                 class_labels: Tensor | None = None) -> Denoiser:
-        """The process's denoiser (x, alpha, sigma) -> DenoiserOutput over the backbone."""
+                 class_labels: Tensor | None = None, net: nn.Module | None = None) -> nn.Module:
+        """The process's denoiser module (x, alpha, sigma) -> DenoiserOutput over the backbone, or over `net`, another
+        network of its shape (a distillation stage's teacher) (`build_denoiser`): guided for class_labels,
+        self-conditioned for a self-conditioned backbone, x_0 clipped when clip_denoised (None: `clip_x0`)."""
         if (class_labels is not None or guidance_scale != 1) and not self.conditional:
             raise ConfigError("class_labels and guidance_scale need a class-conditional model (data.conditional=true)")
-        return self.process.denoiser(self.net, clip_denoised, guidance_scale, class_labels)
+        return self.process.denoiser(self.net if net is None else net, clip_denoised, guidance_scale, class_labels,
+                                     clip_x0=self.clip_x0)
+
+    def grid(self, steps: int, spacing: str) -> tuple[Tensor, Tensor]:
+        """(alphas, sigmas) (steps + 1,) of `steps` noise levels with this spacing on the process, then the data."""
+        return self.process.sampling_grid(steps, spacing)
 
     def sampling_grid(self, sampler: Sampler) -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) of the sampler's steps and spacing on this process."""
-        return self.process.sampling_grid(sampler.steps, sampler.spacing)
+        return self.grid(sampler.steps, sampler.spacing)
 
     @torch.no_grad()
     def sample(
@@ -85,9 +146,7 @@ class DiffusionModel(nn.Module):
         init_noise_sigma); clamped to [-1, 1] when clip_denoised (None: the process's `clip_x0`; never for latents,
         which are not confined to [-1, 1]). noise_sampler(like): the stochastic samplers' N(0, I) draws (default: from
         `generator`)."""
-        if self.latent:
-            clip_denoised = False
-        clip = self.process.clip_x0 if clip_denoised is None else clip_denoised
+        clip = self.clip_x0 if clip_denoised is None or self.latent else clip_denoised
         alphas, sigmas = self.sampling_grid(sampler)
         denoiser = self.denoiser(clip, guidance_scale, class_labels)
         x_T = noise.to(torch.float64) * vp_norm(alphas[0], sigmas[0]).to(noise.device)

@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.edm import EDM
-from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.progressive import distillation_losses
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.models.teacher import check_same_parameterisation, describe, init_from_teacher, load_teacher
+from diffusion_lab.models.teacher import check_same_parameterisation, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -31,10 +29,9 @@ class ProgressiveDistillationModule(DiffusionModule):
     def __init__(self, model, *args, teacher_ckpt: str | None = None, teacher_steps: int = 256, final_steps: int = 1,
                  steps_per_stage: int = 5000, checkpoint_dir: str = "checkpoints", **kwargs):
         super().__init__(model, *args, **kwargs)
-        process = model.process
-        if not (isinstance(process, EDM) or isinstance(process, GaussianDiffusion) and process.objective == "v"):
+        if model.describe() not in ("process edm", "process ddpm objective=v"):
             raise ConfigError("experiment=progressive_distillation trains process=gaussian with process.objective=v "
-                              f"(Salimans & Ho 2022) or process=edm, not {describe(process)}")
+                              f"(Salimans & Ho 2022) or process=edm, not {model.describe()}")
         if self.cache_latents:
             raise ConfigError("module.cache_latents=true is not supported by progressive distillation; set it false")
         stages = [teacher_steps // 2**s for s in range(1, 64) if teacher_steps // 2**s >= final_steps]
@@ -42,16 +39,15 @@ class ProgressiveDistillationModule(DiffusionModule):
                 and stages[-1] == final_steps and all(teacher_steps == n * 2 ** (s + 1) for s, n in enumerate(stages))):
             raise ConfigError(f"module.teacher_steps={teacher_steps}, final_steps={final_steps}, steps_per_stage="
                               f"{steps_per_stage}: need final_steps * 2^k = teacher_steps (k >= 1) and steps_per_stage >= 1")
-        if isinstance(process, GaussianDiffusion) and process.num_timesteps % teacher_steps:
-            raise ConfigError(f"schedule.timesteps={process.num_timesteps} must be divisible by module.teacher_steps="
+        if model.process_name == "ddpm" and model.setting("num_timesteps") % teacher_steps:
+            raise ConfigError(f"schedule.timesteps={model.setting('num_timesteps')} must be divisible by module.teacher_steps="
                               f"{teacher_steps}, so that each student's grid is the even half of its teacher's")
         self.teacher = load_teacher(teacher_ckpt, ("ddpm", "edm"), model, "progressive_distillation")
-        check_same_parameterisation(model, self.teacher.model, *process.sampling_grid(teacher_steps, "trailing"),
-                                    teacher_ckpt)
-        init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
+        check_same_parameterisation(model, self.teacher.model, *model.grid(teacher_steps, "trailing"), teacher_ckpt)
+        init_from_teacher(model, self.teacher.model, teacher_ckpt)
         self.stage_steps, self.steps_per_stage = stages, steps_per_stage
         self.checkpoint_dir = Path(checkpoint_dir)
-        self.teacher_net = copy.deepcopy(model.net).requires_grad_(False)  # the teacher of stages >= 1
+        self.teacher_net = model.backbone_copy()  # the teacher of stages >= 1
         self.register_buffer("stage", torch.zeros((), dtype=torch.long))
 
     def on_fit_start(self) -> None:
@@ -73,7 +69,7 @@ class ProgressiveDistillationModule(DiffusionModule):
         stage = int(self.stage)
         if stage < len(self.stage_steps) - 1 and self.global_step >= (stage + 1) * self.steps_per_stage:
             self.trainer.save_checkpoint(self.stage_path(stage))
-            self.teacher_net.load_state_dict(self.model.net.state_dict())
+            self.teacher_net.load_state_dict(self.model.backbone_state())
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
             self.stage += 1
@@ -92,13 +88,12 @@ class ProgressiveDistillationModule(DiffusionModule):
         x0 = self.model.encode(inputs, generator)
         labels = labels if self.model.conditional else None
         if labels is not None:  # the null class for guidance, for student and teacher alike
-            drop = torch.rand(len(labels), generator=generator, device=labels.device) < self.model.process.cond_drop_prob
-            labels = torch.where(drop, torch.full_like(labels, self.model.num_classes), labels)
+            labels = self.model.drop_labels(labels, generator)
         stage = int(self.stage)
         if stage == 0:
-            teacher = self.teacher.model.process.denoiser(self.teacher.model.net, False, class_labels=labels)
+            teacher = self.teacher.model.denoiser(False, class_labels=labels)
         else:
-            teacher = self.model.process.denoiser(self.teacher_net, False, class_labels=labels)
-        student = self.model.process.denoiser(self.model.net, False, class_labels=labels)
-        alphas, sigmas = self.model.process.sampling_grid(2 * self.stage_steps[stage], "trailing")
+            teacher = self.model.denoiser(False, class_labels=labels, net=self.teacher_net)
+        student = self.model.denoiser(False, class_labels=labels)
+        alphas, sigmas = self.model.grid(2 * self.stage_steps[stage], "trailing")
         return distillation_losses(student, teacher, x0, alphas, sigmas, generator)

@@ -1,7 +1,7 @@
 """Reflow (Liu et al. 2023): flow matching on (noise, sample) pairs that a rectified-flow teacher draws with its ODE.
 The pairs are drawn once, at the start of fit, and cached as torch.save shards under `pairs_dir` (the run folder), so
 a resumed run reuses them; under DDP each rank draws every world_size-th shard and then reads them all; the student (a flow-matching DiffusionModel, started from the teacher's weights) then
-trains on `diffusion.reflow.coupled_losses`. Repeating it with the student as teacher gives k-reflow."""
+trains on flow matching's loss over those couplings (`FlowMatching.training_losses` with the pair's noise). Repeating it with the student as teacher gives k-reflow."""
 
 from pathlib import Path
 from typing import Callable
@@ -9,8 +9,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion.flow_matching import FlowMatching
-from diffusion_lab.diffusion.reflow import coupled_losses
 from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.models.teacher import init_from_teacher, load_teacher
 from diffusion_lab.samplers import Sampler
@@ -28,8 +26,8 @@ class ReflowModule(DiffusionModule):
                  num_pairs: int = 50000, shard_size: int = 5000, pairs_dir: str = "reflow_pairs",
                  init_student: bool = True, **kwargs):
         super().__init__(model, *args, **kwargs)
-        if not isinstance(model.process, FlowMatching):
-            raise ConfigError(f"experiment=reflow trains process=flow_matching, not process {model.process.name}")
+        if model.process_name != "flow_matching":
+            raise ConfigError(f"experiment=reflow trains process=flow_matching, not process {model.process_name}")
         if self.cache_latents:
             raise ConfigError("module.cache_latents=true: reflow trains on the teacher's pairs, not on encoded images")
         if not (isinstance(num_pairs, int) and isinstance(shard_size, int) and num_pairs >= 1 and shard_size >= 1):
@@ -41,7 +39,7 @@ class ReflowModule(DiffusionModule):
         self.teacher_ckpt, self.teacher_sampler = str(teacher_ckpt), teacher_sampler
         self.num_pairs, self.shard_size, self.pairs_dir = num_pairs, shard_size, Path(pairs_dir)
         if init_student:
-            init_from_teacher(model.net, self.teacher.model.net, teacher_ckpt)
+            init_from_teacher(model, self.teacher.model, teacher_ckpt)
         self.pairs: dict[str, Tensor] = {}
 
     def on_fit_start(self) -> None:
@@ -88,4 +86,4 @@ class ReflowModule(DiffusionModule):
         index = torch.randint(0, self.num_pairs, (len(batch[0]),), generator=generator, device=generator.device).cpu()
         noise, samples = (self.pairs[key][index].to(self.device) for key in ("noise", "samples"))
         labels = self.pairs["labels"][index].to(self.device) if self.model.conditional else None
-        return coupled_losses(self.model.process, self.model.net, samples, noise, generator, labels)
+        return self.model.loss(samples, generator, labels, noise=noise)

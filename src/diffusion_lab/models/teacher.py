@@ -28,8 +28,8 @@ def load_teacher(path: str | None, processes: tuple[str, ...], student: Diffusio
         raise ConfigError(f"experiment={experiment} needs a teacher: add teacher_ckpt=PATH (a {' or '.join(processes)} "
                           "checkpoint of this project, e.g. <run>/checkpoints/last.ckpt)")
     teacher = load_model(load_checkpoint(path, key="teacher_ckpt"), "ema", torch.device("cpu"))
-    if teacher.process.name not in processes:
-        raise ConfigError(f"teacher_ckpt={path} is a {teacher.process.name} checkpoint; experiment={experiment} distils "
+    if teacher.process_name not in processes:
+        raise ConfigError(f"teacher_ckpt={path} is a {teacher.process_name} checkpoint; experiment={experiment} distils "
                           f"a {' or '.join(processes)} teacher")
     if teacher.sample_shape != student.sample_shape or teacher.num_classes != student.num_classes:
         raise ConfigError(f"teacher_ckpt={path} samples shape {teacher.sample_shape} with classes {teacher.num_classes}, but "
@@ -37,11 +37,11 @@ def load_teacher(path: str | None, processes: tuple[str, ...], student: Diffusio
     return Frozen(teacher)
 
 
-def init_from_teacher(student: nn.Module, teacher: nn.Module, path: str) -> None:
+def init_from_teacher(student: DiffusionModel, teacher: DiffusionModel, path: str) -> None:
     """Copy the teacher's backbone weights into the student's (Song et al. 2023 and Salimans & Ho 2022 start the
     student from the teacher); a backbone of another shape is a one-line ConfigError."""
     try:
-        student.load_state_dict(teacher.state_dict())
+        student.copy_backbone_from(teacher)
     except RuntimeError as error:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise ConfigError(f"the student's backbone differs from the teacher's (teacher_ckpt={path}): {detail[:200]}; "
@@ -70,22 +70,16 @@ def check_same_parameterisation(student: DiffusionModel, teacher: DiffusionModel
     first steps re-fit the network instead of distilling it. Checked by the x_0 of both processes' denoisers over one
     `ProbeNetwork` at the noise levels (alphas, sigmas) (the final data level excluded); a mismatch is one ConfigError
     line."""
-    channels = student.sample_shape[0]
-    probe = ProbeNetwork(student.process.output_channels(channels))
+    probe = ProbeNetwork(student.output_channels)
     x = torch.randn(2, *student.sample_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for alpha, sigma in zip(alphas[sigmas > 0], sigmas[sigmas > 0]):
         level = (alpha.reshape(1), sigma.reshape(1))
-        ours = student.process.denoiser(probe, False)(x, *level).x0
-        theirs = teacher.process.denoiser(probe, False)(x, *level).x0
+        ours = student.denoiser(False, net=probe)(x, *level).x0
+        theirs = teacher.denoiser(False, net=probe)(x, *level).x0
         if not torch.allclose(ours, theirs, rtol=1e-6, atol=1e-8):
             raise ConfigError(
-                f"teacher_ckpt={path} is a {describe(teacher.process)} model, whose network the student's process "
-                f"({describe(student.process)}) reads differently (at sigma / alpha = {float(sigma / alpha):.4g}); the "
+                f"teacher_ckpt={path} is a {teacher.describe()} model, whose network the student's process "
+                f"({student.describe()}) reads differently (at sigma / alpha = {float(sigma / alpha):.4g}); the "
                 "student starts from its teacher's weights, so give it the teacher's process and schedule overrides "
                 "(an EDM teacher: experiment=progressive_distillation_edm)")
 
-
-def describe(process: nn.Module) -> str:
-    """process edm, or process gaussian objective=v: how a message names a process's parameterisation."""
-    objective = getattr(process, "objective", None)
-    return f"process {process.name}" + (f" objective={objective}" if objective else "")
