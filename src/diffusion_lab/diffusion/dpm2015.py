@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract
 from diffusion_lab.diffusion.likelihood import normal_kl
-from diffusion_lab.diffusion.paths import broadcast, eps_from_x0
+from diffusion_lab.diffusion.paths import eps_from_x0
 from diffusion_lab.samplers.denoiser import DenoiserOutput
 from diffusion_lab.utils.errors import ConfigError
 

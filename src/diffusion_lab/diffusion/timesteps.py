@@ -1,5 +1,5 @@
 """Which DDPM timesteps a sampler visits: pure functions from the schedule and a step count to a descending list of
-timesteps, possibly fractional (`GaussianDiffusion.alpha_bar_at` interpolates log sigma between integer steps).
+timesteps, possibly fractional (`DiscreteVPPath.alpha_bar` interpolates log sigma between integer steps).
 
 Timestep index t = 0..T-1 holds the paper's t = 1..T; every sampler ends by stepping to alpha_bar = 1.
 uniform, leading and trailing follow diffusers' `timestep_spacing` "linspace", "leading", "trailing" (Lin et al.
@@ -51,7 +51,7 @@ def karras_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = 7.0)
 def timestep_at_log_sigma(table: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """The fractional timestep where log sigma, interpolated linearly between the integer steps of `table`
     (`log_sigmas`, ascending), equals `log_sigma` (clamped to the table's range): the inverse of
-    `GaussianDiffusion.alpha_bar_at`."""
+    `DiscreteVPPath.alpha_bar`."""
     if len(table) == 1:
         return torch.zeros_like(log_sigma)
     low = (torch.searchsorted(table, log_sigma, right=True) - 1).clamp(0, len(table) - 2)

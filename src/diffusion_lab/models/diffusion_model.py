@@ -143,7 +143,7 @@ class DiffusionModel(nn.Module):
         """x_0 (float32, in the process's space: latents for latent diffusion) from noise ~ N(0, I) by the sampler
         over a fresh denoiser, started at x = sqrt(alpha^2 + sigma^2) noise of the grid's first point (the marginal
         std for data of unit variance: 1 for DDPM and flow matching, sqrt(1 + sigma_max^2) for EDM, as diffusers'
-        init_noise_sigma); clamped to [-1, 1] when clip_denoised (None: the process's `clip_x0`; never for latents,
+        init_noise_sigma); clamped to [-1, 1] when clip_denoised (None: `clip_x0`; never for latents,
         which are not confined to [-1, 1]). noise_sampler(like): the stochastic samplers' N(0, I) draws (default: from
         `generator`)."""
         clip = self.clip_x0 if clip_denoised is None or self.latent else clip_denoised
