@@ -1,10 +1,13 @@
 """Post-hoc EMA (Karras et al. 2024, EDM2): the power-function profile and its sigma_rel <-> gamma relation against
 their closed forms, the per-step update against the weighted average it stands for, and the least-squares
-reconstruction of an EMA length from snapshots of two others."""
+reconstruction of an EMA length from snapshots of two others; the callback's resume and the command's checkpoint."""
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import run_script
+from diffusion_lab import posthoc_ema
 from diffusion_lab.ema.power_ema import (
     SIGMA_REL_MAX,
     combine_state_dicts,
@@ -15,7 +18,11 @@ from diffusion_lab.ema.power_ema import (
     sigma_rel_to_gamma,
     solve_posthoc_coefficients,
 )
+from diffusion_lab.ema.snapshots import SNAPSHOT_DIR
+from diffusion_lab.sample import sample
 from diffusion_lab.utils.errors import ConfigError
+from test_pipeline import compose_sample
+from tiny_run import image_folder, tiny_overrides
 
 TRACKED = (0.05, 0.10)  # the callback's default pair
 
@@ -128,3 +135,102 @@ def test_the_expressible_range_holds_the_tracked_lengths_and_not_the_far_ones():
     expressible = expressible_sigma_rels(steps * 2, [gammas[0]] * 6 + [gammas[1]] * 6, 600, max_error=0.05)
     assert {0.05, 0.1} <= set(expressible) and 0.005 not in expressible and 0.285 not in expressible
     assert expressible == [s for s in expressible if min(expressible) <= s <= max(expressible)]
+
+
+# The callback and the command on a tiny run (tests/tiny_run.py): 10 steps, snapshots every 3 and at the end.
+STEPS, EVERY = 10, 3
+WITH_POSTHOC = ["callbacks=[default,posthoc_ema]", f"callbacks.posthoc_ema.every_n_steps={EVERY}"]
+
+
+def train_tiny(images, output_dir, extra: list[str] = ()) -> dict:
+    from test_resume import last_checkpoint, run
+
+    run(tiny_overrides(images, output_dir, STEPS) + WITH_POSTHOC + ["ckpt_path=auto", *extra])
+    return last_checkpoint(output_dir)
+
+
+def assert_identical(a, b) -> None:
+    """The same nested dicts, lists and values, tensors equal bit for bit."""
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_identical(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_identical(x, y)
+    else:
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def snapshot_files(output_dir) -> dict[str, dict]:
+    return {path.name: torch.load(path, weights_only=True) for path in (output_dir / SNAPSHOT_DIR).glob("*.pt")}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(images, tmp_path_factory):
+    """A run never interrupted: its folder and last checkpoint."""
+    output_dir = tmp_path_factory.mktemp("straight")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return output_dir, train_tiny(images, output_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_callback_resumes_bit_for_bit(images, tiny_run, tmp_path, one_thread):
+    from test_resume import assert_same_run
+
+    straight_dir, straight = tiny_run
+    resumed = tmp_path / "resumed"
+    with pytest.raises(SystemExit):  # SIGTERM after step 5: last.ckpt holds the averages of step 5
+        train_tiny(images, resumed, ["+callbacks.sigterm._target_=tiny_run.SendSignal", "+callbacks.sigterm.at_step=5"])
+    assert sorted(snapshot_files(resumed)) == ["phema-0000003-0.050.pt", "phema-0000003-0.100.pt"]
+    actual = train_tiny(images, resumed)
+    assert_same_run(straight, actual)
+    assert_identical(straight["callbacks"]["PostHocEMA"], actual["callbacks"]["PostHocEMA"])
+    expected_files = snapshot_files(straight_dir)
+    assert sorted(expected_files) == sorted(f"phema-{s:07d}-{r:.3f}.pt" for s in (3, 6, 9, 10) for r in TRACKED)
+    assert_identical(expected_files, snapshot_files(resumed))
+
+
+def test_a_tracked_length_rebuilt_by_the_command_is_its_snapshot_and_sample_py_takes_it(tiny_run, tmp_path):
+    output_dir, last = tiny_run
+    out = tmp_path / "phema.ckpt"
+    posthoc_ema.main([str(output_dir), "sigma_rel=0.1", f"out={out}"])
+    rebuilt = torch.load(out, weights_only=True)
+    snapshot = torch.load(output_dir / SNAPSHOT_DIR / "phema-0000010-0.100.pt", weights_only=True)
+    assert rebuilt["posthoc_ema"]["sigma_rel"] == 0.1 and rebuilt["posthoc_ema"]["step"] == STEPS
+    assert rebuilt["state_dict"].keys() == last["state_dict"].keys()
+    for name, value in snapshot["state_dict"].items():
+        torch.testing.assert_close(rebuilt["state_dict"][name], value)
+    assert any(not torch.equal(rebuilt["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    paths = sample(compose_sample([f"ckpt_path={out}", "num_samples=2", "batch_size=2", "sampler=ddim",
+                                   "sampler.steps=2", f"output_dir={tmp_path / 'samples'}", "device=cpu"]))
+    assert np.load(paths["samples"])["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_bad_runs_and_lengths_are_one_line_errors(tiny_run, tmp_path):
+    output_dir, _ = tiny_run
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bare" / "checkpoints" / "last.ckpt").touch()
+    cases = {
+        str(tmp_path): "is not a run folder",
+        str(tmp_path / "bare"): "has no post-hoc EMA snapshots",
+        f"{output_dir} sigma_rel=0.3": "must be in",
+        f"{output_dir} sigma_rel=0.005": "beyond what the 8 snapshots up to step 10 express",
+    }
+    for arguments, message in cases.items():
+        run, *options = arguments.split()
+        with pytest.raises(ConfigError, match=message):
+            posthoc_ema.main.__wrapped__([run, *(options or ["sigma_rel=0.1"]), f"out={tmp_path / 'x.ckpt'}"])
+    assert not (tmp_path / "x.ckpt").exists()
+    result = run_script("-m", ["diffusion_lab.posthoc_ema", str(tmp_path), "sigma_rel=0.1", "out=x.ckpt"], check=False)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "not a run folder" in result.stderr
