@@ -2,12 +2,15 @@
 their closed forms, the per-step update against the weighted average it stands for, and the least-squares
 reconstruction of an EMA length from snapshots of two others; the callback's resume and the command's checkpoint."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import run_script
 from diffusion_lab import posthoc_ema
+from diffusion_lab.callbacks.posthoc_ema import PostHocEMA
 from diffusion_lab.ema.power_ema import (
     SIGMA_REL_MAX,
     combine_state_dicts,
@@ -18,7 +21,7 @@ from diffusion_lab.ema.power_ema import (
     sigma_rel_to_gamma,
     solve_posthoc_coefficients,
 )
-from diffusion_lab.ema.snapshots import SNAPSHOT_DIR
+from diffusion_lab.ema.snapshots import SNAPSHOT_DIR, list_snapshots
 from diffusion_lab.sample import sample
 from diffusion_lab.utils.errors import ConfigError
 from test_pipeline import compose_sample
@@ -234,3 +237,41 @@ def test_bad_runs_and_lengths_are_one_line_errors(tiny_run, tmp_path):
     assert not (tmp_path / "x.ckpt").exists()
     result = run_script("-m", ["diffusion_lab.posthoc_ema", str(tmp_path), "sigma_rel=0.1", "out=x.ckpt"], check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "not a run folder" in result.stderr
+
+
+def drive(callback: PostHocEMA, net: torch.nn.Module, history: torch.Tensor, batches_per_step: int = 1) -> None:
+    """Lightning's hooks on `net` whose weight is history[t - 1] after optimizer step t, each step spread over
+    `batches_per_step` batches (gradient accumulation: the global step moves on the last)."""
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+    callback.on_train_start(trainer, net)
+    for step, theta in enumerate(history, start=1):
+        for batch in range(batches_per_step):
+            if batch == batches_per_step - 1:
+                net.weight.data.copy_(theta)
+                trainer.global_step = step
+            callback.on_train_batch_end(trainer, net, None, None, batch)
+    callback.on_train_end(trainer, net)
+
+
+def test_the_callbacks_averages_are_the_power_function_ema_of_the_optimizer_steps(tmp_path):
+    history = torch.randn(20, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    callback = PostHocEMA(tmp_path, sigma_rels=TRACKED, every_n_steps=8)
+    net = torch.nn.Linear(4, 3, bias=False).double()
+    drive(callback, net, history, batches_per_step=2)
+    for sigma_rel, average in zip(TRACKED, callback.averages):
+        expected = torch.einsum("t,tij->ij", profile_mass_per_step(20, sigma_rel_to_gamma(sigma_rel)), history)
+        torch.testing.assert_close(average["weight"], expected, rtol=1e-12, atol=1e-12)
+    assert [(s.step, s.sigma_rel) for s in list_snapshots(tmp_path)] == [(k, r) for k in (8, 16, 20) for r in TRACKED]
+
+
+def test_the_callback_refuses_what_would_mix_other_averages_in(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="holds no post-hoc EMA"):  # resumed from a checkpoint trained without it
+        PostHocEMA(tmp_path).on_train_start(SimpleNamespace(global_step=5, is_global_zero=True), net)
+    drive(PostHocEMA(tmp_path / "earlier", every_n_steps=1), net, torch.zeros(1, 2, 2))
+    with pytest.raises(ConfigError, match="snapshots of an earlier run"):
+        PostHocEMA(tmp_path / "earlier").on_train_start(SimpleNamespace(global_step=0, is_global_zero=True), net)
+    with pytest.raises(ConfigError, match="sigma_rels"):
+        PostHocEMA(tmp_path, sigma_rels=(0.05,)).load_state_dict(PostHocEMA(tmp_path).state_dict())
+    with pytest.raises(ConfigError, match="callbacks.posthoc_ema.sigma_rels"):
+        PostHocEMA(tmp_path, sigma_rels=(0.05, 0.3))

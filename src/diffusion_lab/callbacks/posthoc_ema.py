@@ -54,7 +54,7 @@ class PostHocEMA(Callback):
             if trainer.global_step > 0:
                 raise ConfigError(f"the checkpoint resumed at step {trainer.global_step} holds no post-hoc EMA (it was "
                                   "trained without callbacks.posthoc_ema, whose averages start at step 0); start a new run")
-            if trainer.is_global_zero and any(self.dirpath.glob("phema-*.pt")):
+            if any(self.dirpath.glob("phema-*.pt")):
                 raise ConfigError(f"callbacks.posthoc_ema.dirpath={self.dirpath} holds snapshots of an earlier run; "
                                   "delete them or choose another paths.output_dir")
             self.averages = [{name: state[name].detach().clone() for name in names} for _ in self.sigma_rels]
