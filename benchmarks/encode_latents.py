@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from diffusion_lab.data.prepare import CONFIGS, prepare
+from diffusion_lab.data.prepare import prepare
 from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL
+from diffusion_lab.utils.cli import compose_config
 
 
 def image_folder(root: Path, count: int, size: int) -> Path:
@@ -55,8 +55,7 @@ def first_stage(kind: str, path: Path, size: int) -> Path:
 
 def timed_prepare(overrides: list[str], out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("prepare", overrides=[*overrides, f"out={out}"])
+    cfg = compose_config("prepare", [*overrides, f"out={out}"])
     began = time.perf_counter()
     prepare(cfg)
     return time.perf_counter() - began

@@ -6,16 +6,15 @@ import inspect
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class, instantiate
 from lightning import LightningModule
 from omegaconf import OmegaConf
 
 from diffusion_lab.builders import build_model
+from diffusion_lab.utils.cli import CONFIG_DIR, compose_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PROCESSES = sorted(p.stem for p in (CONFIGS / "process").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+PROCESSES = sorted(p.stem for p in (CONFIG_DIR / "process").glob("*.yaml"))
 TINY_MODELS = {  # backbone: tiny widths
     "unet_attn": ["model.dim=8", "model.dim_mults=[1,2]", "model.attn_heads=1", "model.attn_dim_head=8"],
     "ddpm_unet": ["model.ch=16", "model.ch_mult=[1,2]", "model.norm_groups=8", "model.attn_levels=[1]"],
@@ -25,14 +24,12 @@ NO_DIFFUSION = ("autoencoder", "classifier")  # modules that train a network alo
 
 
 def compose_train(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train.yaml", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def option_keys(group: str, option: str) -> set[str]:
     """The keys an option's own file sets (its defaults list aside)."""
-    return set(OmegaConf.load(CONFIGS / group / f"{option}.yaml")) - {"defaults"}
+    return set(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml")) - {"defaults"}
 
 
 @pytest.mark.parametrize("model_name, data", PAIRS)
@@ -40,7 +37,7 @@ def option_keys(group: str, option: str) -> set[str]:
 def test_model_data_process_builds_with_the_process_own_defaults(process, model_name, data):
     cfg = compose_train([f"model={model_name}", f"data={data}", f"process={process}", *TINY_MODELS[model_name]])
     assert set(cfg.process) == option_keys("process", process)  # nothing of the default run's process leaks in
-    if not (CONFIGS / "recipe" / f"{data}_{model_name}_{process}.yaml").is_file():  # the default run's combination has its recipe
+    if not (CONFIG_DIR / "recipe" / f"{data}_{model_name}_{process}.yaml").is_file():  # the default run's combination has its recipe
         assert list(cfg.tags) == ["dev"]  # nor its tags
     model = build_model(cfg)
     takes_betas = "betas" in inspect.signature(get_class(cfg.process._target_)).parameters
@@ -73,7 +70,7 @@ def test_other_model_and_data_start_from_the_group_defaults():
     assert (cfg.process.loss_type, cfg.schedule.timesteps, list(cfg.tags)) == ("l2", 1000, ["dev"])
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_preset_composes_with_a_module_of_the_group(experiment):
     cfg = compose_train([f"experiment={experiment}"])
     module = get_class(cfg.module._target_)
@@ -82,8 +79,26 @@ def test_every_preset_composes_with_a_module_of_the_group(experiment):
         assert not {"process", "schedule", "sampler"} & set(cfg)
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIGS / "module").glob("*.yaml")))
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIG_DIR / "module").glob("*.yaml")))
 def test_module_group_options_are_lightning_modules(option):
-    assert issubclass(get_class(OmegaConf.load(CONFIGS / "module" / f"{option}.yaml")._target_), LightningModule)
+    assert issubclass(get_class(OmegaConf.load(CONFIG_DIR / "module" / f"{option}.yaml")._target_), LightningModule)
     cfg = compose_train([f"module={option}"])
     assert ({"process", "schedule", "sampler"} & set(cfg)) == (set() if option in NO_DIFFUSION else {"process", "schedule", "sampler"})
+
+
+def test_every_program_finds_its_config_through_the_one_helper():
+    """train.py, sample.py, the `python -m` programs and the benchmarks compose through utils/cli.py alone: no other
+    Hydra entry point, compose call or path to configs/ of its own."""
+    own_mechanism = ("hydra.main(", "initialize_config_dir(", "compose(", '/ "configs"')
+    sources = [*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    offenders = [f"{path.relative_to(ROOT)}: {needle}" for path in sources if path.name != "cli.py"
+                 for needle in own_mechanism if needle in path.read_text()]
+    assert not offenders
+
+
+def test_fid_callback_takes_the_extractor_options_of_sample_py():
+    """configs/callbacks/fid.yaml and sample.py's metrics share one file for the extractor, real split and cache."""
+    shared = set(OmegaConf.load(CONFIG_DIR / "metrics" / "common.yaml"))
+    callback = compose_train(["callbacks=[default,fid]", "callbacks.fid.classifier_path=CLASSIFIER"]).callbacks.fid
+    assert shared <= set(callback) and callback.classifier_path == "CLASSIFIER"
+    assert set(OmegaConf.load(CONFIG_DIR / "callbacks" / "fid.yaml").fid) & shared == {"batch_size"}  # its own batch

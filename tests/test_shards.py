@@ -16,8 +16,9 @@ from lightning import Callback
 
 from diffusion_lab.data import datasets, image_datamodule
 from diffusion_lab.data.image_datamodule import ImageDataModule, ImageFileDataset, UInt8ImageDataset, held_out
-from diffusion_lab.data.prepare import CONFIGS, prepare
+from diffusion_lab.data.prepare import prepare
 from diffusion_lab.data.shards import META_FILE, ShardsDataModule
+from diffusion_lab.utils.cli import CONFIG_DIR as CONFIGS
 from diffusion_lab.utils.errors import ConfigError
 from test_data import idx_pair
 from test_errors import assert_one_line_error

@@ -21,7 +21,6 @@ import re
 import signal
 from pathlib import Path
 
-import hydra
 import litdata
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -30,13 +29,12 @@ from torch import Tensor
 from diffusion_lab.data import datasets, hf, latents
 from diffusion_lab.data.image_datamodule import held_out
 from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
-from diffusion_lab.utils.cli import one_line_errors
+from diffusion_lab.utils.cli import hydra_main
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 from diffusion_lab.utils.launch import launch
 
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder", "hf")
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 ConfigStore.instance().store(name="prepare", node={
@@ -245,8 +243,7 @@ def prepare(cfg: DictConfig) -> dict:
     return meta
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="prepare")
-@one_line_errors
+@hydra_main("prepare")
 def main(cfg: DictConfig) -> None:
     prepare(cfg)
 

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.metrics.evaluate import data_split, extractor_from, score_samples
@@ -20,12 +18,10 @@ from diffusion_lab.metrics.extractors import classifier_path_for, weights_hash
 from diffusion_lab.metrics.real_features import extract_features, real_features
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_stats, write_stats
 from diffusion_lab.metrics.scores import SAMPLE_METRICS
-from diffusion_lab.utils.cli import one_line_errors
+from diffusion_lab.utils.cli import compose_config, one_line_errors
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
-from diffusion_lab.utils.resolvers import register_resolvers
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 OPTIONS = ("ref", "write_ref", "output")
 
 
@@ -76,10 +72,7 @@ def main(argv: list[str]) -> None:
     overrides = [f"+{a}" if a.startswith(("data=", *(f"{o}=" for o in OPTIONS))) else a for a in argv[1:]]
     if not any(a.startswith("metrics=") for a in overrides):
         overrides.append("metrics=[fid]")
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("sample.yaml", overrides=["+paths=default", *overrides])
+    cfg = compose_config("sample", ["+paths=default", *overrides])
     if "data" not in cfg:
         raise ConfigError("data=NAME is needed: the data set the samples are compared with (e.g. data=fashion_mnist)")
     result = score(argv[0], cfg)
