@@ -1,6 +1,7 @@
 """The model object on a latent run, as a new user meets it: the FID callback scores decoded images, the
-loss-by-timestep callback encodes, and metrics=[nll] refuses in one line (the three latent bugs of issue 12)."""
+loss-by-timestep callback encodes, and metrics=[nll] refuses in one line (the three latent bugs of issue 12); the distillation modules use its public methods only."""
 
+import ast
 from pathlib import Path
 
 import torch
@@ -43,3 +44,13 @@ def test_latent_run_callbacks_decode_and_encode_and_nll_refuses(tmp_path, monkey
     assert result.returncode != 0 and not (tmp_path / "nll" / "metrics.json").exists()
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "latent" in message[0] and "nll" in message[0], result.stderr
+
+
+def test_distillation_modules_use_the_model_objects_public_methods_only():
+    """The teacher and the CD/CT, progressive and reflow modules never reach into a model's process or backbone
+    (`model.process`, `model.net`): what they need is a method of `DiffusionModel` (issue 25)."""
+    package = Path(__file__).parents[1] / "src" / "diffusion_lab" / "models"
+    for name in ("teacher.py", "consistency_module.py", "progressive_module.py", "reflow_module.py"):
+        tree = ast.parse((package / name).read_text())
+        reached = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in ("process", "net")]
+        assert not reached, f"{name} reaches into .process or .net at lines {reached}"
