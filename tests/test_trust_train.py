@@ -1,8 +1,9 @@
-"""Training you can trust: a refused command changes no byte of the run folder it was refused for, the run's log is
+"""Training you can trust: a resume takes only the run its checkpoint holds, a refused command changes no byte of the run folder it was refused for, the run's log is
 in its train.log, last.ckpt is saved on a step count or a clock without waiting for validation, checkpoints are
 staged beside their target (never in the system temp folder), and a stopped run names the checkpoint it left."""
 
 import errno
+import re
 import fcntl
 import tempfile
 
@@ -85,6 +86,8 @@ def test_a_refused_command_changes_no_byte_of_the_run_folder(images, finished_ru
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         live = run_train(tiny_overrides(images, finished_run, 3) + ["ckpt_path=auto"], check=False)
     assert_one_line_error(live, "is in use by another run")
+    changed = run_train(tiny_overrides(images, finished_run, 3) + ["ckpt_path=auto", "seed=7"], check=False)
+    assert_one_line_error(changed, "is another run: seed: 42 in the checkpoint, 7 here")
     assert snapshot(finished_run) == before
 
 
@@ -94,3 +97,65 @@ def test_an_output_dir_that_cannot_be_a_folder_is_one_line(images, tmp_path, und
     result = run_train(tiny_overrides(images, tmp_path / "file" / under, 2), check=False)
     assert_one_line_error(result, "paths.output_dir=", "is a file")
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def first_run(images, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("first")
+    run(tiny_overrides(images, output_dir, 2))
+    return output_dir / "checkpoints" / "last.ckpt"
+
+
+def test_a_resume_with_another_process_is_one_line_naming_both(images, first_run, tmp_path):
+    """The checkpoint of a DDPM run resumed as an EDM run (or, as the issue found it, the reverse)."""
+    edm = [o for o in tiny_overrides(images, tmp_path / "edm", 3) if not o.startswith("schedule.")]
+    with pytest.raises(ConfigError, match=r"is another run: .*process: diffusion_lab\.diffusion\.gaussian"
+                                          r"\.GaussianDiffusion\(\.\.\.\) in the checkpoint, .*EDM.*\(\.\.\.\) here"
+                                          r".*allow_changes=\[.*process"):
+        run(["experiment=edm_fashion_mnist", *edm, f"ckpt_path={first_run}"])
+    assert not (tmp_path / "edm" / ".hydra").exists()
+
+
+def test_a_resume_with_another_batch_size_names_it_and_takes_it_when_allowed(images, first_run, tmp_path, one_thread):
+    changed = tiny_overrides(images, tmp_path / "second", 3) + ["data.batch_size=4", f"ckpt_path={first_run}"]
+    with pytest.raises(ConfigError, match=r"data.batch_size: 8 in the checkpoint, 4 here.*allow_changes=\[data.batch_size\]"):
+        run(changed)
+    run(changed + ["resume.allow_changes=[data.batch_size]"])
+    assert last_checkpoint(tmp_path / "second")["global_step"] == 3
+
+
+def test_allow_changes_takes_only_run_defining_keys(images, first_run, tmp_path):
+    with pytest.raises(ConfigError, match="resume.allow_changes names trainer.max_steps, which is not a key a resume must keep"):
+        run(tiny_overrides(images, tmp_path / "second", 3) + [f"ckpt_path={first_run}", "resume.allow_changes=[trainer.max_steps]"])
+
+
+def test_an_autoencoder_checkpoint_as_ckpt_path_is_one_line_naming_the_module(images, first_run, tmp_path):
+    checkpoint = torch.load(first_run, weights_only=True)
+    checkpoint["config"]["module"] = {"_target_": "diffusion_lab.models.autoencoder_module.AutoencoderModule"}
+    checkpoint["config"]["process"] = checkpoint["config"]["schedule"] = None
+    torch.save(checkpoint, tmp_path / "autoencoder.ckpt")
+    with pytest.raises(ConfigError, match=r"module: .*AutoencoderModule\(\.\.\.\) in the checkpoint, .*DiffusionModule\(\.\.\.\) here"):
+        run(tiny_overrides(images, tmp_path / "run", 2) + [f"ckpt_path={tmp_path / 'autoencoder.ckpt'}"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("compile=maybe", "compile=maybe; give true or false"),
+    ("seed=abc", "seed=abc; give an integer"),
+    ("seed=1.5", "seed=1.5; give an integer"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0; give the number of batches"),
+    ("trainer.max_steps=0", "trains nothing"),
+    ("+trainer.foo=1", "trainer: Trainer.__init__() got an unexpected keyword argument 'foo'"),
+])
+def test_a_loose_train_option_is_one_line_and_writes_nothing(images, tmp_path, override, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        run(tiny_overrides(images, tmp_path / "run", 2) + [override])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["+foo=1"], ["+foo=1: nothing reads a top-level key 'foo'"]),
+    (["debug=fast", "trainer=gpu"], ["debug=fast runs on the CPU", "trainer=gpu asks for GPUs"]),
+], ids=["unknown_top_level_key", "debug_with_gpu_trainer"])
+def test_a_loose_command_line_is_one_line(images, tmp_path, overrides, words):
+    result = run_train(tiny_overrides(images, tmp_path / "run", 2) + overrides, check=False)
+    assert_one_line_error(result, *words)

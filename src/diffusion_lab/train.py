@@ -15,21 +15,23 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from diffusion_lab.builders import build_model, build_net, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
-from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, load_checkpoint, saved_step
+from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, check_same_run, flatten, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path, check_writable_folder
+from diffusion_lab.utils.run_options import check_run_options
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -113,23 +115,12 @@ def last_checkpoint_note(cfg: DictConfig) -> str:
     return f"{newest[0]} holds step {newest[1]}" if newest else "no checkpoint was written"
 
 
-RUNTIME_MODEL_KEYS = ("gradient_checkpointing",)  # how the network runs, not what it is: free to change on resume
-
-
-def without_runtime_keys(model: dict) -> dict:
-    return {key: value for key, value in model.items() if key not in RUNTIME_MODEL_KEYS}
-
-
 def check_resume(cfg: DictConfig) -> dict[str, Any]:
-    """A resume checkpoint must exist, be readable and hold the same network as this run; returns it."""
+    """A resume checkpoint must exist, be readable and hold the same run as this one (`check_same_run`: the keys
+    that define a run match, or resume.allow_changes names them); returns it."""
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    saved_model = without_runtime_keys(checkpoint["config"].get("model", {}))
-    model = without_runtime_keys(OmegaConf.to_container(cfg.model, resolve=True))
-    if saved_model != model:
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path} holds model {saved_model.get('_target_', '?')} {saved_model}, but this run's model is "
-            f"{model}; resume with the same model overrides"
-        )
+    allowed = list((cfg.get("resume") or {}).get("allow_changes") or [])
+    check_same_run(checkpoint, OmegaConf.to_container(cfg, resolve=True), cfg.ckpt_path, allowed)
     return checkpoint
 
 
@@ -145,17 +136,6 @@ def configure_wandb(cfg: DictConfig, resumed: dict[str, Any] | None) -> None:
             wandb_cfg.id = saved.get("id") or uuid.uuid4().hex[:12]
         if not wandb_cfg.get("group") and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             wandb_cfg.group = Path(HydraConfig.get().sweep.dir).name
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"dim": 28}} -> {"model.dim": 28}: dashboards filter and group runs by any hyperparameter."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def compile_net(net: nn.Module) -> nn.Module:
@@ -208,11 +188,23 @@ def run_log_file(cfg: DictConfig):
         handler.close()
 
 
+def instantiate_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> Trainer:
+    """The Lightning Trainer of `cfg.trainer`; a value it refuses (an unknown key, an accelerator this machine lacks)
+    is one line."""
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (MisconfigurationException, TypeError, ValueError)):
+            raise ConfigError(f"trainer: {str(error.__cause__).strip().splitlines()[0]}") from error
+        raise
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit the model of `cfg`; returns (metrics logged at the end, built objects)."""
     if HydraConfig.initialized():
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    check_run_options(cfg)
     resolve_ckpt_path(cfg)
     resumed = check_resume(cfg) if cfg.get("ckpt_path") else None  # reads only: a refused run writes nothing
     with claim_output_dir(cfg):
@@ -231,7 +223,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = build_model(cfg) if diffusion else build_net(cfg)  # the autoencoder and the classifier train a network
     if diffusion:
         check_sampler(model, instantiate(cfg.sampler))
-    if cfg.get("compile"):
+    if cfg.compile:
         compile_net(model.net if diffusion else model)
     module = instantiate(cfg.module, _partial_=True)(
         model=model,
@@ -244,7 +236,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers: list[Logger] = instantiate_group(cfg.get("logger"))
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    trainer = instantiate_trainer(cfg, callbacks, loggers)
     to_memory_format(model.net if diffusion else model, cfg.get("channels_last"), trainer.strategy.root_device)
     for logger in loggers:
         logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))

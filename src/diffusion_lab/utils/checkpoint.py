@@ -8,11 +8,19 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from omegaconf import OmegaConf
 
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 
 WEIGHTS = ("ema", "raw")
+# What defines a run: a resume must match these (resolved) keys of the checkpoint's config, or name the ones it
+# changes in resume.allow_changes. Everything else (trainer.max_steps, trainer hardware, logger, callbacks, paths,
+# sampler, compile) changes freely; so do the keys below that say how the run reads its data or runs its network.
+RUN_DEFINING_KEYS = ("model", "process", "schedule", "data", "module", "optimizer", "lr_scheduler", "seed", "first_stage",
+                     "first_stage_ckpt", "teacher_ckpt", "vae_path", "trainer.accumulate_grad_batches")
+FREE_KEYS = ("model.gradient_checkpointing", "data.num_workers", "data.pin_memory", "data.in_memory_limit_mb",
+             "data.cache_dir")
 FORMAT_VERSION = 2  # of what this project writes into checkpoints; raise it when a reader must change
 # 2: the diffusion LightningModule holds one model object: weights under model.net. and model.first_stage.
 
@@ -91,3 +99,67 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[st
         for name, value in state_dict.items()
         if name.startswith(prefix + ".")
     }
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"dim": 28}} -> {"model.dim": 28}: dashboards filter by any hyperparameter; resume compares them."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def under(key: str, prefixes) -> bool:
+    """Whether dotted `key` is one of `prefixes` or lies below one."""
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+ABSENT = "(absent)"
+
+
+def config_differences(saved: Any, current: Any, key: str = "") -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved, current)} for every value in which two resolved configs differ; nodes of the same class
+    (`_target_`) are compared key by key, anything else (another class, a node against a value) as a whole."""
+    if isinstance(saved, dict) and isinstance(current, dict) and saved.get("_target_") == current.get("_target_"):
+        found = {}
+        for name in dict.fromkeys([*saved, *current]):
+            found.update(config_differences(saved.get(name, ABSENT), current.get(name, ABSENT), f"{key}{name}."))
+        return found
+    return {} if saved == current else {key.rstrip("."): (saved, current)}
+
+
+def described(value: Any) -> str:
+    """A config value for one line: a class node by its class, a long node cut short."""
+    if isinstance(value, dict) and "_target_" in value:
+        return f"{value['_target_']}(...)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_same_run(checkpoint: dict[str, Any], config: dict, ckpt_path: str, allowed: list[str]) -> None:
+    """ConfigError naming every run-defining key in which `config` (resolved) differs from the checkpoint's config,
+    with both values, unless `allowed` (resume.allow_changes) names it."""
+    for key in allowed:
+        if not any(under(key, [prefix]) or under(prefix, [key]) for prefix in RUN_DEFINING_KEYS) or under(key, FREE_KEYS):
+            raise ConfigError(f"resume.allow_changes names {key}, which is not a key a resume must keep; those are "
+                              f"{', '.join(RUN_DEFINING_KEYS)} (less {', '.join(FREE_KEYS)}); the rest changes freely")
+    differences = {key: values for key, values in config_differences(checkpoint["config"], config).items()
+                   if under(key, RUN_DEFINING_KEYS) and not under(key, FREE_KEYS) and not under(key, allowed)}
+    if differences:
+        listed = "; ".join(f"{key}: {described(saved)} in the checkpoint, {described(value)} here"
+                           for key, (saved, value) in differences.items())
+        raise ConfigError(f"ckpt_path={ckpt_path} is another run: {listed}. Resume with its values{started_with(ckpt_path)}, "
+                          f"or accept the change with resume.allow_changes=[{','.join(differences)}]")
+
+
+def started_with(ckpt_path: str) -> str:
+    """' (it was started with: OVERRIDES)' from the `.hydra/overrides.yaml` of the checkpoint's run folder, if any."""
+    overrides = Path(ckpt_path).resolve().parent.parent / ".hydra" / "overrides.yaml"
+    try:
+        listed = [str(o) for o in OmegaConf.load(overrides) if not str(o).startswith(("ckpt_path=", "paths."))]
+    except (OSError, ValueError, TypeError):
+        return ""
+    return f" (it was started with: {' '.join(listed)})" if listed else ""
