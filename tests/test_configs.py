@@ -1,6 +1,7 @@
 """The config groups mirror the code: `model=M data=D process=P` composes and builds for every process with that
 process's own defaults (no other process's keys, no schedule where it takes none), the default run is the tuned
-recipe, every preset composes, and `module` is a group of LightningModules."""
+recipe, every preset composes, `module` is a group of LightningModules, the FID callback and sample.py share one
+extractor configuration, and every program composes its config through utils/cli.py."""
 
 import inspect
 from pathlib import Path
@@ -37,7 +38,7 @@ def option_keys(group: str, option: str) -> set[str]:
 def test_model_data_process_builds_with_the_process_own_defaults(process, model_name, data):
     cfg = compose_train([f"model={model_name}", f"data={data}", f"process={process}", *TINY_MODELS[model_name]])
     assert set(cfg.process) == option_keys("process", process)  # nothing of the default run's process leaks in
-    if not (CONFIG_DIR / "recipe" / f"{data}_{model_name}_{process}.yaml").is_file():  # the default run's combination has its recipe
+    if not (CONFIG_DIR / "recipe" / f"{data}_{model_name}_{process}.yaml").is_file():  # the default run has its own
         assert list(cfg.tags) == ["dev"]  # nor its tags
     model = build_model(cfg)
     takes_betas = "betas" in inspect.signature(get_class(cfg.process._target_)).parameters
@@ -83,7 +84,8 @@ def test_every_preset_composes_with_a_module_of_the_group(experiment):
 def test_module_group_options_are_lightning_modules(option):
     assert issubclass(get_class(OmegaConf.load(CONFIG_DIR / "module" / f"{option}.yaml")._target_), LightningModule)
     cfg = compose_train([f"module={option}"])
-    assert ({"process", "schedule", "sampler"} & set(cfg)) == (set() if option in NO_DIFFUSION else {"process", "schedule", "sampler"})
+    diffusion_keys = {"process", "schedule", "sampler"}
+    assert diffusion_keys & set(cfg) == (set() if option in NO_DIFFUSION else diffusion_keys)
 
 
 def test_every_program_finds_its_config_through_the_one_helper():

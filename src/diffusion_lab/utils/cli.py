@@ -57,7 +57,8 @@ def hydra_main(config_name: str) -> Callable[[Callable[[DictConfig], object]], C
 
     def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
         register_resolvers()
-        return hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(one_line_errors(task))
+        hydra_app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+        return hydra_app(one_line_errors(task))
 
     return decorate
 
