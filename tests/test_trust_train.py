@@ -1,15 +1,19 @@
-"""Training you can trust: a resume takes only the run its checkpoint holds, a refused command changes no byte of the run folder it was refused for, the run's log is
-in its train.log, last.ckpt is saved on a step count or a clock without waiting for validation, checkpoints are
-staged beside their target (never in the system temp folder), and a stopped run names the checkpoint it left."""
+"""Training you can trust: a resume takes only the run its checkpoint holds; a loose option is one line; a refused
+command changes no byte of the run folder it was refused for; the run's log is in its train.log; last.ckpt is saved
+on a step count or a clock without waiting for validation; checkpoints are staged beside their target (never in the
+system temp folder); a stopped run names the checkpoint it left; sample media are cheap and stop on a signal."""
 
 import errno
-import re
 import fcntl
+import re
+import signal
 import tempfile
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from diffusion_lab.callbacks import sample_media
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError
 from test_errors import assert_one_line_error
@@ -159,3 +163,39 @@ def test_a_loose_train_option_is_one_line_and_writes_nothing(images, tmp_path, o
 def test_a_loose_command_line_is_one_line(images, tmp_path, overrides, words):
     result = run_train(tiny_overrides(images, tmp_path / "run", 2) + overrides, check=False)
     assert_one_line_error(result, *words)
+
+
+def test_a_signal_stops_sample_media_before_its_next_network_evaluation(images, tmp_path, monkeypatch, one_thread):
+    """SIGTERM while the callback draws its grid at step 2: no further network evaluation, no media for step 2, and
+    the run stops after that step with last.ckpt at it."""
+    generate, evaluations = sample_media.generate, []
+
+    def signal_then_generate(model, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        model.net.register_forward_pre_hook(lambda module, inputs: evaluations.append(1))
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(sample_media, "generate", signal_then_generate)
+    media = [o for o in tiny_overrides(images, tmp_path / "run", 4) if o != "callbacks.sample_media=null"]
+    with pytest.raises(SystemExit) as stop:
+        run(media + ["callbacks.sample_media.every_n_steps=2", "callbacks.sample_media.num_samples=2"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert evaluations == []
+    assert not (tmp_path / "run" / "samples" / "step_0000002.png").exists()
+    assert last_checkpoint(tmp_path / "run")["global_step"] == 2
+
+
+def test_the_default_sample_media_grid_is_cheap():
+    """The default run's grid: at most 16 samples x 50 steps of its DDPM sampler (not 64 x all 300)."""
+    from hydra.utils import instantiate
+    from types import SimpleNamespace
+
+    from conftest import CONFIGS
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose("train.yaml", overrides=["paths.output_dir=unused"])
+    callback = instantiate(cfg.callbacks.sample_media)
+    sampler = callback.media_sampler(SimpleNamespace(run_config={"sampler": OmegaConf.to_container(cfg.sampler, resolve=True)}))
+    assert cfg.sampler.steps == 300 and sampler.algorithm == cfg.sampler.algorithm
+    assert callback.num_samples * sampler.evaluations <= 16 * 50

@@ -31,6 +31,7 @@ from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, check_same_run, flatten, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path, check_writable_folder
+from diffusion_lab.utils.quiet import silence_library_noise
 from diffusion_lab.utils.run_options import check_run_options
 
 
@@ -205,6 +206,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with open_dict(cfg):
             cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
     check_run_options(cfg)
+    silence_library_noise()
     resolve_ckpt_path(cfg)
     resumed = check_resume(cfg) if cfg.get("ckpt_path") else None  # reads only: a refused run writes nothing
     with claim_output_dir(cfg):
