@@ -100,12 +100,29 @@ def test_a_run_stopped_after_some_chunks_resumes_to_the_same_file(tiny, tmp_path
     with pytest.raises(KeyboardInterrupt):
         sample(compose_sample([*common, f"output_dir={stopped}"]))
     assert sorted(p.name for p in (stopped / "chunks").glob("*.npy")) == ["00000000.npy"]
-    with pytest.raises(ConfigError, match="other seed"):  # other arguments never mix with these chunks
+    with pytest.raises(ConfigError, match="seed: 0 there, 1 here"):  # other arguments never mix with these chunks
         sample(compose_sample([*common, "seed=1", f"output_dir={stopped}"]))
     calls.clear()
     monkeypatch.setattr(sample_module, "generate", lambda *a, **k: calls.append(k["first"]) or generate(*a, **k))
     assert np.array_equal(samples_of(sample(compose_sample([*common, f"output_dir={stopped}"]))["samples"].parent), whole)
     assert calls == [2, 4]  # only the chunks not yet written were drawn
+
+
+def test_a_finished_output_dir_is_never_replaced_and_the_same_arguments_find_it_done(tiny, tmp_path, monkeypatch,
+                                                                                    one_thread):
+    _, ckpt = tiny
+    common = [f"ckpt_path={ckpt}", "num_samples=3", "batch_size=3", "device=cpu", "trajectory_samples=1",
+              f"output_dir={tmp_path / 'out'}"]
+    sample(compose_sample(common))
+    (tmp_path / "out" / "metrics.json").write_text("{}")  # scores of these samples, from an earlier run
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    for other in ("seed=1", "num_samples=4", "weights=raw", "sampler.steps=2", "clip_denoised=false"):
+        with pytest.raises(ConfigError, match="holds the samples of other arguments"):
+            sample(compose_sample([*common, other]))
+    calls = []
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **k: calls.append(k["first"]) or generate(*a, **k))
+    assert sample(compose_sample(common))["samples"] == tmp_path / "out" / "samples.npz"  # done: not drawn again
+    assert calls == [] and {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 
 
 def test_guided_class_conditional_samples_are_the_same_in_chunks(tmp_path, one_thread):

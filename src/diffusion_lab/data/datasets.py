@@ -57,14 +57,18 @@ def _read_idx_pair(directory: Path, train: bool) -> tuple[Tensor, Tensor] | None
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
+def fashion_mnist_folder(root: str, train: bool = True) -> Path | None:
+    """The first of `root` and the Debian package's folder that holds Fashion-MNIST's IDX files of the split."""
+    return next((folder for folder in (Path(root), DEBIAN_FASHION_MNIST)
+                 if all(_find_idx(folder, stem) for stem in IDX_FILES[train])), None)
+
+
 def fashion_mnist(root: str, train: bool) -> tuple[Tensor, Tensor]:
     """Fashion-MNIST (Xiao et al. 2017), 28x28x1, 10 classes."""
-    tried = []
-    for directory in (Path(root), DEBIAN_FASHION_MNIST):
-        tried.append(str(directory))
-        found = _read_idx_pair(directory, train)
-        if found is not None:
-            return found
+    tried = [str(Path(root)), str(DEBIAN_FASHION_MNIST)]
+    folder = fashion_mnist_folder(root, train)
+    if folder is not None:
+        return _read_idx_pair(folder, train)
     try:
         from torchvision.datasets import FashionMNIST
 

@@ -13,12 +13,14 @@ Stopped (Ctrl-C, a bad file), the same command goes on where it stopped: finishe
 checkpoints resume the unfinished one from its last written chunk (latents: the unfinished split is encoded again).
 """
 
+import contextlib
 import ctypes
 import functools
 import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import litdata
@@ -31,7 +33,7 @@ from diffusion_lab.data.image_datamodule import held_out
 from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
 from diffusion_lab.utils.cli import hydra_main
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.io import atomic_path
+from diffusion_lab.utils.io import atomic_path, check_writable_folder
 from diffusion_lab.utils.launch import launch
 
 SOURCES = ("fashion_mnist", "mnist", "cifar10", "folder", "hf")
@@ -41,7 +43,7 @@ ConfigStore.instance().store(name="prepare", node={
     "defaults": ["_self_", {"data": "fashion_mnist"}, {"paths": "default"}, {"trainer": None},
                  {"override hydra/job_logging": "disabled"}, {"override hydra/hydra_logging": "disabled"}],
     "out": "???",  # the shards folder to write (local; copy it to object storage afterwards if wanted)
-    "num_workers": 4,  # processes that decode and write; a resumed run must use the same number
+    "num_workers": None,  # processes that decode and write (null: one per CPU core); a resumed run must use the same number
     "chunk_bytes": "64MB",  # litdata's chunk size: each DDP rank and loader worker streams whole chunks
     "seed": 0,  # unused here: the data configs interpolate it
     "first_stage": None,  # an autoencoder checkpoint or a diffusers VAE folder: write its latents (data/latents.py)
@@ -128,13 +130,21 @@ def plan(data: DictConfig) -> tuple[dict, dict]:
         jobs["test"] = (fns["test"], list(range(sizes["test"])))
     settings = {
         "format_version": FORMAT_VERSION,
-        "source": {"dataset": data.dataset, "root": str(Path(data.root).resolve())},
+        "source": {"dataset": data.dataset, "root": str(source_root(data).resolve())},
         "image_shape": [data.channels, image_size, image_size],
         "num_classes": num_classes,
         **extra,
         "splits": {split: len(indices) for split, (_, indices) in jobs.items()},
     }
     return settings, jobs
+
+
+def source_root(data: DictConfig) -> Path:
+    """Where the images are read from: data.root, or for Fashion-MNIST the first folder holding its files (data.root,
+    then the Debian package's)."""
+    if data.dataset == "fashion_mnist":
+        return datasets.fashion_mnist_folder(data.root) or Path(data.root)
+    return Path(data.root)
 
 
 def write_meta(out: Path, meta: dict) -> None:
@@ -152,6 +162,21 @@ def children() -> set[int]:
     return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
 
 
+class DroppingLines:
+    """A text stream that passes on what is written to `stream`, except the lines that start with `prefixes`."""
+
+    def __init__(self, stream, prefixes: tuple[str, ...]):
+        self.stream, self.prefixes = stream, prefixes
+
+    def write(self, text: str) -> int:
+        if not text.startswith(self.prefixes):
+            self.stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def optimize(**kwargs) -> None:
     """`litdata.optimize`, cleaning up after it. When a worker fails, litdata (0.2.76) kills it but not the file
     remover process it started, which then waits on its queue for ever; with this process as child subreaper
@@ -162,7 +187,8 @@ def optimize(**kwargs) -> None:
         ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         before = children()
     try:
-        litdata.optimize(**kwargs)
+        with contextlib.redirect_stdout(DroppingLines(sys.stdout, ("Create an account on https://lightning.ai/",))):
+            litdata.optimize(**kwargs)  # its advertisement for its cloud is not this command's business
     finally:
         signal.signal(signal.SIGINT, previous)
         while linux and (strays := children() - before):  # a killed worker's remover then becomes ours
@@ -173,12 +199,12 @@ def optimize(**kwargs) -> None:
             ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
-def write_images(fn, indices: list[int], out_dir: Path, cfg: DictConfig) -> None:
-    """One split of images through `litdata.optimize` (cfg.num_workers processes, resumable from its last chunk)."""
+def write_images(fn, indices: list[int], out_dir: Path, num_workers: int, chunk_bytes: str) -> None:
+    """One split of images through `litdata.optimize` (num_workers processes, resumable from its last chunk)."""
     split = out_dir.name
     try:
-        optimize(fn=fn, inputs=indices, output_dir=str(out_dir), chunk_bytes=cfg.chunk_bytes,
-                 num_workers=cfg.num_workers, use_checkpoint=True, start_method="fork")
+        optimize(fn=fn, inputs=indices, output_dir=str(out_dir), chunk_bytes=chunk_bytes, num_workers=num_workers,
+                 use_checkpoint=True, start_method="fork")
     except Exception as error:  # noqa: BLE001 - a worker's failure arrives as its traceback's text
         raise ConfigError(f"writing the {split} split stopped: {root_cause(error)}; fix it and run the same "
                           "command again, it goes on from the last chunk written") from error
@@ -205,7 +231,11 @@ def prepare(cfg: DictConfig) -> dict:
     if is_url(cfg.out):
         raise ConfigError(f"out={cfg.out} must be a local folder; copy it to object storage once written")
     out = Path(cfg.out)
+    check_writable_folder(out, "out")
     settings, jobs = plan(cfg.data)
+    num_workers = len(os.sched_getaffinity(0)) if cfg.num_workers is None else cfg.num_workers
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"num_workers={num_workers} must be an integer >= 1, or null (one per CPU core)")
     fabric = None
     if cfg.first_stage:  # every rank (one per device) runs what follows; only rank 0 writes prepared.json
         fabric = launch(cfg)
@@ -214,10 +244,10 @@ def prepare(cfg: DictConfig) -> dict:
         settings |= {"latents": latents.latent_record(first_stage, config, cfg.first_stage, cfg.latent_dtype),
                      "chunk_bytes": cfg.chunk_bytes}
         write = functools.partial(latents.encode_split, fabric, first_stage, batch_size=cfg.batch_size,
-                                  num_workers=cfg.num_workers, dtype=cfg.latent_dtype, chunk_bytes=cfg.chunk_bytes)
+                                  num_workers=num_workers, dtype=cfg.latent_dtype, chunk_bytes=cfg.chunk_bytes)
     else:
-        settings |= {"num_workers": cfg.num_workers, "chunk_bytes": cfg.chunk_bytes}
-        write = functools.partial(write_images, cfg=cfg)
+        settings |= {"num_workers": num_workers, "chunk_bytes": cfg.chunk_bytes}
+        write = functools.partial(write_images, num_workers=num_workers, chunk_bytes=cfg.chunk_bytes)
     previous = previous_meta(out, settings)
     if previous is not None and previous.get("complete"):
         print(f"{out} is already prepared: {previous['splits']}")

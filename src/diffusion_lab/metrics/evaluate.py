@@ -99,18 +99,35 @@ def needs_samples(options: Mapping) -> bool:
     return any(name in options for name in SAMPLE_METRICS)
 
 
+def fewest_samples(options: Mapping) -> dict[str, tuple[int, str]]:
+    """The fewest samples each selected sample metric scores, and why: two for a covariance (FID, sFID) or a kernel
+    estimate over pairs (KID), k + 1 for each sample's k-th nearest other sample (precision / recall), one per
+    split (IS)."""
+    k = (options.get("prec_recall") or {}).get("k", 3)
+    splits = (options.get("is") or {}).get("splits", 10)
+    need = {"fid": (2, "a covariance"), "sfid": (2, "a covariance"), "kid": (2, "pairs of samples"),
+            "prec_recall": (k + 1, f"each sample's metrics.prec_recall.k={k}-th nearest other sample"),
+            "is": (splits, f"one sample per split of metrics.is.splits={splits}")}
+    return {name: need[name] for name in SAMPLE_METRICS if name in options}
+
+
+def check_sample_count(options: Mapping, num_samples: int, what: str = "num_samples") -> None:
+    """ConfigError when `num_samples` samples are too few for a selected metric (`fewest_samples`)."""
+    for name, (fewest, why) in fewest_samples(options).items():
+        if num_samples < fewest:
+            raise ConfigError(f"{what}={num_samples} is too few for metrics=[{name}]: it needs at least {fewest} ({why})")
+
+
 def check_scoring(options: Mapping, data_config: Mapping, num_samples: int) -> None:
-    """Before any sampling: the selected sample metrics with their extractor (its weights loaded once and dropped), so
-    that a configuration error (absent weights, IS / sFID without Inception, too few samples for the IS splits) ends
-    the command in one line before a long sampling run rather than after it."""
+    """Before any sampling: the sample count, the selected sample metrics with their extractor (its weights loaded
+    once and dropped), so that a configuration error (too few samples, absent weights, IS / sFID without Inception)
+    ends the command in one line before a long sampling run rather than after it."""
     if not needs_samples(options):
         return
+    check_sample_count(options, num_samples)
     options = {**options, "classifier_path": classifier_path_for(options, data_config)}
     splits = (options.get("is") or {}).get("splits", 10)
     SampleScores(extractor_from(options), tuple(name for name in SAMPLE_METRICS if name in options), is_splits=splits)
-    if "is" in options and num_samples < splits:
-        raise ConfigError(f"num_samples={num_samples} is fewer than metrics.is.splits={splits}; the Inception Score "
-                          "needs at least one sample per split")
 
 
 def write_scores(

@@ -182,12 +182,20 @@ def shipped_classifier(data_config: Mapping) -> str | None:
     return str(path) if path is not None and native else None
 
 
+def data_option(data_config: Mapping) -> str:
+    """A data config as the command line chooses it: its data set, or for prepared shards `shards data.root=ROOT`."""
+    if data_config.get("dataset"):
+        return str(data_config["dataset"])
+    kind = "latent_shards" if "LatentShards" in str(data_config.get("_target_")) else "shards"
+    return f"{kind} data.root={data_config.get('root')}"
+
+
 def classifier_path_for(options: Mapping, data_config: Mapping) -> str | None:
     """`metrics.classifier_path`, else the shipped classifier of the data set; where `metrics.extractor=classifier`
     has neither, ConfigError naming the command that trains one."""
     path = options.get("classifier_path") or shipped_classifier(data_config)
     if path is None and options.get("extractor") == "classifier":
-        name, size, channels = (data_config.get(key) for key in ("dataset", "image_size", "channels"))
+        name, size, channels = data_option(data_config), data_config.get("image_size"), data_config.get("channels")
         raise ConfigError(
             f"no classifier ships for data={name} at {size}x{size}x{channels} (shipped: {', '.join(SHIPPED_CLASSIFIERS)} "
             f"at 28x28x1) and metrics.classifier_path=null; train one with `python train.py experiment=feature_classifier "

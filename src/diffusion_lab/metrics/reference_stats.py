@@ -2,6 +2,7 @@
 keys of the widely used reference evaluators (`mu` (D,), `sigma` (D, D), float64: EDM's fid.py, ADM's evaluator),
 plus the extractor's name and weights hash so a file is never compared with another extractor's features."""
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,19 @@ def feature_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(0), np.cov(values, rowvar=False)
 
 
+def read_npz(path: str | Path, key: str, what: str) -> np.ndarray:
+    """Array `key` of the npz file at `path`; ConfigError (one line) when it is not an npz or has no such array."""
+    try:
+        with np.load(path) as arrays:
+            found = {name: arrays[name] for name in arrays.files if name == key}
+            names = arrays.files
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as error:
+        raise ConfigError(f"{path} is not an npz file ({type(error).__name__}); give a {what}") from error
+    if key not in found:
+        raise ConfigError(f"{path} has no array {key} (it has {', '.join(names) or 'none'}); give a {what}")
+    return found[key]
+
+
 def write_stats(path: str | Path, features: Tensor, extractor: str, extractor_hash: str) -> None:
     mu, sigma = feature_stats(features)
     with atomic_path(path) as tmp:
@@ -30,14 +44,14 @@ def read_stats(path: str | Path, extractor: str, extractor_hash: str) -> tuple[n
     evaluator's own) is taken as Inception features. ConfigError (one line) for any other file."""
     if not Path(path).is_file():
         raise ConfigError(f"ref={path} does not exist; write one with write_ref=<file> (or use an evaluator's npz)")
-    stats = np.load(path)
-    if "mu" not in stats or "sigma" not in stats:
-        raise ConfigError(f"ref={path} holds no reference statistics (keys mu, sigma); it has {', '.join(stats.files)}")
-    made_by = (str(stats["extractor"]), str(stats["extractor_hash"])) if "extractor" in stats else ("inception", None)
+    what = "reference statistics file (keys mu, sigma; write one with write_ref=<file>)"
+    mu, sigma = read_npz(path, "mu", what), read_npz(path, "sigma", what)
+    with np.load(path) as stats:
+        made_by = (str(stats["extractor"]), str(stats["extractor_hash"])) if "extractor" in stats else ("inception", None)
     if made_by[0] != extractor or made_by[1] not in (None, extractor_hash):
         raise ConfigError(f"ref={path} holds statistics of extractor {made_by[0]} (weights {made_by[1] or 'unrecorded'}), "
                           f"not of {extractor} (weights {extractor_hash}); write the reference with this extractor")
-    return stats["mu"], stats["sigma"]
+    return mu, sigma
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

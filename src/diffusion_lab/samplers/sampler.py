@@ -31,10 +31,13 @@ class Sampler:
         for key in options:
             if key not in allowed:
                 raise ConfigError(
-                    f"sampler.{key} is not an option of sampler {algorithm}; its options are: {', '.join(allowed) or 'none'}"
+                    f"sampler.{key} is not an option of sampler {algorithm}; its options are: {', '.join(['steps', 'spacing', *allowed])}"
                 )
         if not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"sampler.steps={steps} must be an integer >= 1")
+        eta = options.get("eta", 0.0)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta < 0:
+            raise ConfigError(f"sampler.eta={eta} must be a number >= 0 (0: no fresh noise a step, 1: DDPM-like)")
         self.algorithm, self.steps, self.spacing, self.options = algorithm, steps, spacing, options
         self.evaluations_used = 0
 

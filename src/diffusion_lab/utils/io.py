@@ -1,6 +1,7 @@
 """Writing files so that nothing already written is lost: write to a temporary name beside the target, then rename."""
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,10 +23,15 @@ def atomic_path(path: str | Path):
 
 
 def check_writable_folder(path: str | Path, key: str) -> None:
-    """ConfigError unless `path` is a folder this process may write into, or one it may create."""
+    """ConfigError (one line naming `key`) unless `path` is, or can be made, a folder this process writes into: not a
+    file, not under a file, not read-only (tried with a temporary file in the nearest existing folder, gone at once:
+    permission bits alone do not stop root). Creates nothing."""
     path = Path(path).absolute()
     nearest = next(folder for folder in (path, *path.parents) if folder.exists())
     if not nearest.is_dir():
         raise ConfigError(f"{key}={path} cannot be a folder: {nearest} is a file; choose another {key}")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path} cannot be written: {nearest} is read-only for this user; choose another {key}")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}={path} cannot be written: {error.strerror} in {nearest}; choose another {key}") from error

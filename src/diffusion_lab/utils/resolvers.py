@@ -42,6 +42,13 @@ def shards_image(root: str, key: str) -> int:
     return {"size": size, "channels": channels}[key]
 
 
+def folder_classes(root: str) -> int:
+    """`${folder_classes:ROOT}`: how many classes (image sub-folders, as torchvision's ImageFolder) the folder holds."""
+    from diffusion_lab.data.datasets import folder_files
+
+    return len(folder_files(root)[2])
+
+
 def scale_beta(beta: float, timesteps: int) -> float:
     """`${scale_beta:BETA,T}` = min(BETA * 1000 / T, 0.999): Ho et al.'s betas (1e-4..0.02) are for T = 1000; scaled
     so, alpha_bar_T stays near 0 at any T (Nichol & Dhariwal 2021, improved-diffusion `get_named_beta_schedule`;
@@ -60,5 +67,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("first_stage", first_stage, use_cache=True)
     if not OmegaConf.has_resolver("shards_image"):
         OmegaConf.register_new_resolver("shards_image", shards_image, use_cache=True)
+    if not OmegaConf.has_resolver("folder_classes"):
+        OmegaConf.register_new_resolver("folder_classes", folder_classes, use_cache=True)
     if not OmegaConf.has_resolver("diffusers_vae"):
         OmegaConf.register_new_resolver("diffusers_vae", diffusers_vae, use_cache=True)
