@@ -8,6 +8,7 @@ at a time): the whole table costs about as much as a few fresh `python sample.py
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,7 @@ CASES = [
     ("metrics-samples-text", METRICS, ["{ws}/text.txt", "data=fashion_mnist"], CONFIG_ERROR, ["not an npz file"]),
     ("metrics-no-arr0", METRICS, ["{ws}/no_arr0.npz", "data=fashion_mnist"], CONFIG_ERROR, ["no array arr_0"]),
     ("metrics-one-sample", METRICS, ["{ws}/one.npz", "data=fashion_mnist"], CONFIG_ERROR,
-     ["N=1", "metrics=[fid]", "at least 2"]),
+     ["one.npz holds 1 sample(s)", "metrics=[fid]", "at least 2"]),
     ("metrics-wrong-shape", METRICS, ["{ws}/two.npz", "data=cifar10"], CONFIG_ERROR, ["needs uint8 (N, 32, 32, 3)"]),
     ("metrics-float-samples", METRICS, ["{ws}/float.npz", "data=fashion_mnist"], CONFIG_ERROR, ["float32"]),
     ("metrics-ref-text", METRICS, ["{ws}/two.npz", "data=fashion_mnist", "ref={ws}/text.txt"], CONFIG_ERROR,
@@ -170,6 +171,12 @@ CASES = [
     ("train-folder-missing", "train.py", [*TINY_TRAIN, "data.root={ws}/nowhere"], CONFIG_ERROR, ["holds no images"]),
     ("train-shards-missing", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/nowhere"], CONFIG_ERROR,
      ["holds no prepared shards"]),
+    ("train-shards-flipped-bytes", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/shards_flipped"],
+     CONFIG_ERROR, ["shards_flipped/val cannot be decoded", "damaged"]),
+    ("train-shards-garbage-index", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/shards_garbage_index"],
+     CONFIG_ERROR, ["index.json is unreadable"]),
+    ("train-shards-cut-short", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/shards_cut_short"],
+     CONFIG_ERROR, ["chunk-0-0.bin holds", "cut short"]),
     ("train-ckpt-missing", "train.py", [*TINY_TRAIN, "ckpt_path={ws}/missing.ckpt"], CONFIG_ERROR,
      ["missing.ckpt"]),
 ]
@@ -220,6 +227,19 @@ def workspace(ws: Path) -> dict[str, str]:
     return {"ws": str(ws), "ckpt": str(CKPT), "read_only": str(read_only)}
 
 
+def damaged_copies(shards: Path) -> None:
+    """Copies of the shards with the validation split's first chunk damaged: bytes flipped, cut short, and its
+    index.json garbage."""
+    for name in ("flipped", "cut_short", "garbage_index"):
+        shutil.copytree(shards, shards.with_name(f"shards_{name}"))
+    chunk = shards.with_name("shards_flipped") / "val" / "chunk-0-0.bin"
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[: len(data) // 3] + bytes(255 - byte for byte in data[len(data) // 3 :]))
+    chunk = shards.with_name("shards_cut_short") / "val" / "chunk-0-0.bin"
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    (shards.with_name("shards_garbage_index") / "val" / "index.json").write_text('{"chunks": [')
+
+
 @pytest.fixture(scope="session")
 def table(tmp_path_factory):
     """Every case run once: {id: result}, and the fingerprints of KEPT before and after the table."""
@@ -228,6 +248,7 @@ def table(tmp_path_factory):
     made = run_programs([("sample.py", [a.format(**places) for a in [*SAMPLE, f"output_dir={ws / 'done'}"]]),
                          (PREPARE_CMD, [a.format(**places) for a in [*PREPARE, f"out={ws / 'shards'}"]])])
     assert [r["returncode"] for r in made] == [0, 0], made
+    damaged_copies(ws / "shards")
     kept = [ws / name for name in KEPT]
     before = fingerprint(kept)
     results = run_programs([(program, [a.format(id=case_id, **places) for a in args])

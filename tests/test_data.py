@@ -144,3 +144,23 @@ def test_loader_state_counts_the_batches_taken_not_those_read_ahead(num_workers)
     assert taken + [batch.tolist() for batch, in resumed] == full
     resumed.load_state_dict({"epoch": 0, "batches": 10})  # a finished epoch 0: epoch 1 starts from its first batch
     assert [batch.tolist() for batch, in resumed] == full
+
+
+def test_a_folder_gives_the_model_its_own_number_of_classes(tmp_path, one_thread):
+    """data=folder counts its class sub-folders: a 12-class conditional model is built with 12 classes and samples
+    class 11 (the 10 of a fixed num_classes would refuse it, or train into an IndexError)."""
+    from test_evaluation import tiny_checkpoint
+    from test_pipeline import compose_sample
+
+    from diffusion_lab.sample import sample
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (tmp_path / "images" / f"class{i % 12:02d}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "images" / f"class{i % 12:02d}" / f"{i}.png")
+    model, ckpt = tiny_checkpoint(tmp_path, ["data.conditional=true"],
+                                  ["data=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8", "data.channels=1"])
+    assert model.num_classes == 12
+    paths = sample(compose_sample([f"ckpt_path={ckpt}", "class_labels=[11]", "num_samples=1", "batch_size=1",
+                                   "device=cpu", "sampler.steps=2", "trajectory_samples=1", f"output_dir={tmp_path / 'out'}"]))
+    assert np.load(paths["samples"])["arr_0"].shape == (1, 8, 8, 1)

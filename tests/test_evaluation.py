@@ -169,7 +169,7 @@ def test_a_reference_file_of_another_extractor_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("samples, message", [
     (np.zeros((3, 8, 8, 1), np.uint8), r"is uint8 \(3, 8, 8, 1\); data=fashion_mnist needs uint8 \(N, 28, 28, 1\)"),
     (np.zeros((3, 28, 28, 1), np.float32), r"is float32 \(3, 28, 28, 1\)"),
-    (np.zeros((0, 28, 28, 1), np.uint8), r"holds no samples \(num_samples=0\)"),
+    (np.zeros((0, 28, 28, 1), np.uint8), r"holds 0 sample\(s\): too few for metrics=\[fid\], which needs at least 2"),
 ])
 def test_samples_that_do_not_fit_the_data_are_refused_in_one_line(tmp_path, capsys, samples, message):
     np.savez(tmp_path / "samples.npz", samples)

@@ -16,10 +16,11 @@ from lightning import Callback
 
 from diffusion_lab.data import datasets, image_datamodule
 from diffusion_lab.data.image_datamodule import ImageDataModule, ImageFileDataset, UInt8ImageDataset, held_out
-from diffusion_lab.data.prepare import prepare
+from diffusion_lab.data.prepare import plan, prepare
 from diffusion_lab.data.shards import META_FILE, ShardsDataModule
 from diffusion_lab.utils.cli import CONFIG_DIR as CONFIGS
 from diffusion_lab.utils.errors import ConfigError
+from conftest import needs_fashion_mnist
 from test_data import idx_pair
 from test_errors import assert_one_line_error
 from test_resume import assert_same_run, last_checkpoint, run
@@ -143,6 +144,30 @@ def test_a_split_too_large_to_hold_decoded_is_one_clear_error(folder, shards, mo
         assert len(data.val_set.images) == 8
         with pytest.raises(ConfigError, match="a split of 32 images .* compare against metrics.real_split=val"):
             data.train_set.images
+
+
+@needs_fashion_mnist
+def test_prepared_json_names_the_folder_fashion_mnist_was_read_from(tmp_path):
+    settings, _ = plan(prepare_config(["data=fashion_mnist", f"data.root={tmp_path}", f"out={tmp_path / 'out'}"]).data)
+    assert settings["source"] == {"dataset": "fashion_mnist", "root": str(datasets.DEBIAN_FASHION_MNIST.resolve())}
+
+
+def test_prepare_sizes_its_workers_to_the_cores_and_drops_litdatas_advertisement(folder, tmp_path, capfd):
+    meta = prepare(prepare_config([*FOLDER, f"data.root={folder}", f"out={tmp_path / 'out'}"]))
+    assert meta["num_workers"] == len(os.sched_getaffinity(0))
+    out = capfd.readouterr().out
+    assert "train: 32 images" in out and "lightning.ai" not in out
+
+
+def test_damaged_shards_are_one_clear_error(shards, tmp_path):
+    from test_bad_inputs import damaged_copies
+
+    damaged_copies(shutil.copytree(shards, tmp_path / "shards"))
+    for name, message in [("flipped", "cannot be decoded"), ("cut_short", "holds .* of its .* bytes"),
+                          ("garbage_index", "index.json is unreadable")]:
+        data = ShardsDataModule(str(tmp_path / f"shards_{name}"), image_size=8, channels=1)
+        with pytest.raises(ConfigError, match=message):
+            data.setup("fit")
 
 
 def test_mixed_image_sizes_with_no_resize_are_one_line_from_the_cli(tmp_path):

@@ -60,6 +60,28 @@ def read_meta(root: str, samples: str | None = "images") -> dict:
     return meta
 
 
+def check_split(input_dir: str) -> None:
+    """ConfigError (one line) when a local split's index.json is unreadable, or a chunk it lists is missing or not of
+    the size it lists (a copy cut short): litdata would wait on such a chunk as on a hung download."""
+    if is_url(input_dir):
+        return
+    again = "prepare the data again into a new folder (python -m diffusion_lab.data.prepare ... out=NEW)"
+    try:
+        chunks = json.loads((Path(input_dir) / "index.json").read_text())["chunks"]
+        sizes = {chunk["filename"]: int(chunk["chunk_bytes"]) for chunk in chunks}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{input_dir}/index.json is unreadable ({type(error).__name__}); {again}") from error
+    for name, size in sizes.items():
+        found = (Path(input_dir) / name).stat().st_size if (Path(input_dir) / name).is_file() else 0
+        if found != size:
+            raise ConfigError(f"{input_dir}/{name} holds {found} of its {size} bytes (missing or cut short); {again}")
+
+
+def damaged(input_dir: str, error: Exception) -> ConfigError:
+    return ConfigError(f"a sample of {input_dir} cannot be decoded ({type(error).__name__}: {str(error)[:100]}): the "
+                       "shards are damaged; prepare the data again into a new folder")
+
+
 class ImageShards(StreamingDataset):
     """(image scaled to [-1, 1], label) of one split. Iterated, litdata deals each DDP rank, and each loader worker
     within it, a disjoint share of whole batches (equal for all ranks: at most world_size * batch_size - 1 samples
@@ -69,20 +91,28 @@ class ImageShards(StreamingDataset):
 
     def __init__(self, input_dir: str, size: int, image_shape: tuple[int, int, int], cache_dir: str | None = None,
                  shuffle: bool = False, seed: int = 0):
+        check_split(input_dir)
         # a full in-chunk shuffle reads samples one by one: batch_decode=0, or each read decodes a 256-sample window
         super().__init__(input_dir, cache_dir=cache_dir, shuffle=shuffle, seed=seed, item_shuffle_window="full",
                          batch_decode=0)
-        self.size, self.image_shape = size, image_shape
+        self.size, self.image_shape, self.root = size, image_shape, input_dir
+
+    def item(self, index) -> dict:
+        """StreamingDataset's sample `index`; ConfigError when it cannot be decoded (damaged shards)."""
+        try:
+            return StreamingDataset.__getitem__(self, index)
+        except Exception as error:  # noqa: BLE001 - whatever a damaged chunk makes litdata's decoders raise
+            raise damaged(self.root, error) from error
 
     def __getitem__(self, index) -> tuple[Tensor, Tensor]:
-        item = super().__getitem__(index)
+        item = self.item(index)
         return torch.tensor(item["image"], dtype=torch.float32) / 127.5 - 1, torch.tensor(item["label"])
 
     @functools.cached_property
     def uint8(self) -> tuple[Tensor, Tensor]:
         """Every image as uint8 (N, C, H, W) and every label, in the split's order."""
         check_decodable(self.size, self.image_shape)
-        items = [StreamingDataset.__getitem__(self, index) for index in range(self.size)]
+        items = [self.item(index) for index in range(self.size)]
         return (torch.stack([torch.tensor(item["image"]) for item in items]),
                 torch.tensor([item["label"] for item in items]))
 

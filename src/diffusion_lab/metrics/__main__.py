@@ -36,7 +36,7 @@ def load_samples(path: str | Path, data: DictConfig, options: dict) -> torch.Ten
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[1:] != expected:
         raise ConfigError(f"{path}: arr_0 is {samples.dtype} {samples.shape}; data={data_option(data)} "
                           f"needs uint8 (N, {', '.join(map(str, expected))}), pixel values 0..255")
-    check_sample_count(options, len(samples), f"{path} holds {len(samples)} samples: N")
+    check_sample_count(options, len(samples), f"{path} holds {len(samples)} sample(s)")
     return torch.from_numpy(samples).permute(0, 3, 1, 2)
 
 

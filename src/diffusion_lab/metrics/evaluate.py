@@ -111,11 +111,13 @@ def fewest_samples(options: Mapping) -> dict[str, tuple[int, str]]:
     return {name: need[name] for name in SAMPLE_METRICS if name in options}
 
 
-def check_sample_count(options: Mapping, num_samples: int, what: str = "num_samples") -> None:
-    """ConfigError when `num_samples` samples are too few for a selected metric (`fewest_samples`)."""
+def check_sample_count(options: Mapping, num_samples: int, what: str | None = None) -> None:
+    """ConfigError when `num_samples` samples (`what`: how the message names them) are too few for a selected metric
+    (`fewest_samples`)."""
     for name, (fewest, why) in fewest_samples(options).items():
         if num_samples < fewest:
-            raise ConfigError(f"{what}={num_samples} is too few for metrics=[{name}]: it needs at least {fewest} ({why})")
+            raise ConfigError(f"{what or f'num_samples={num_samples}'}: too few for metrics=[{name}], which needs at "
+                              f"least {fewest} ({why})")
 
 
 def check_scoring(options: Mapping, data_config: Mapping, num_samples: int) -> None:

@@ -25,6 +25,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"  # the repository's
 def user_error(error: BaseException) -> ConfigError | OmegaConfBaseException | None:
     """The ConfigError (or config-resolution error) behind `error`, following Hydra's instantiate wrapping."""
     while error is not None:
+        if isinstance(error, OmegaConfBaseException) and error.__context__ is not None:
+            cause = user_error(error.__context__)  # a resolver's own error, which OmegaConf wraps
+            if isinstance(cause, ConfigError):
+                return cause
         if isinstance(error, (ConfigError, OmegaConfBaseException)):
             return error
         error = error.__cause__ if isinstance(error, InstantiationException) else None
