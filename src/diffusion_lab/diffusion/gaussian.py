@@ -167,10 +167,13 @@ class GaussianDiffusion(Process):
         denoiser = self.core_denoiser(net)
         net_kwargs = self.training_kwargs(denoiser, x_t, alpha, sigma, generator, class_labels, clip_x0)
         out = denoiser(x_t, alpha, sigma, **net_kwargs)
-        a, s = broadcast(alpha, x0), broadcast(sigma, x0)
-        prediction, target = {
-            "eps": (out.eps, noise), "x0": (out.x0, x0), "v": (v_from_x0_eps(a, s, out.x0, out.eps), v_from_x0_eps(a, s, x0, noise)),
-        }[self.objective]
+        if self.objective == "eps":
+            prediction, target = out.eps, noise
+        elif self.objective == "x0":
+            prediction, target = out.x0, x0
+        else:
+            a, s = broadcast(alpha, x0), broadcast(sigma, x0)
+            prediction, target = v_from_x0_eps(a, s, out.x0, out.eps), v_from_x0_eps(a, s, x0, noise)
         loss_type = "l2" if self.learn_variance else self.loss_type
         per_sample = elementwise_loss(prediction.float(), target.float(), loss_type).flatten(1).mean(1)
         per_sample = per_sample * self.loss_weight(t).float()
