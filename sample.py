@@ -3,7 +3,7 @@
 from omegaconf import DictConfig
 
 from diffusion_lab.sample import sample
-from diffusion_lab.utils.cli import hydra_main
+from diffusion_lab.config import hydra_main
 
 
 @hydra_main("sample")

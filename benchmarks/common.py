@@ -5,7 +5,7 @@ import argparse
 import torch
 from omegaconf import DictConfig
 
-from diffusion_lab.utils.cli import compose_config
+from diffusion_lab.config import compose_config
 
 
 def compose_train(overrides: list[str]) -> DictConfig:

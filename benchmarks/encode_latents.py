@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffusion_lab.data.prepare import prepare
 from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL
-from diffusion_lab.utils.cli import compose_config
+from diffusion_lab.config import compose_config
 
 
 def image_folder(root: Path, count: int, size: int) -> Path:

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from diffusion_lab.metrics.evaluate import data_split, score_samples
 from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.utils.cli import CONFIG_DIR
+from diffusion_lab.config import CONFIG_DIR
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.media import to_uint8
 

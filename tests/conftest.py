@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from diffusion_lab.data.datasets import DEBIAN_FASHION_MNIST
-from diffusion_lab.utils.resolvers import register_resolvers
+from diffusion_lab.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = str(ROOT / "configs")

@@ -14,8 +14,7 @@ from PIL import Image
 from conftest import run_script
 from test_resume import run
 
-from diffusion_lab.models.autoencoder_module import build_first_stage
-from diffusion_lab.models.components.diffusers_vae import first_stage_config
+from diffusion_lab.models.first_stage import build_first_stage, vae_config
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -31,7 +30,7 @@ def tiny_vae(path: Path) -> diffusers.AutoencoderKL:
 
 def test_diffusers_vae_round_trips_through_save_and_load(tmp_path):
     vae = tiny_vae(tmp_path / "vae")
-    config = first_stage_config(str(tmp_path / "vae"), 16)
+    config = vae_config(str(tmp_path / "vae"), 16)
     assert config["scale_factor"] == 0.18215 and config["model"]["latent_channels"] == 4
     first_stage = build_first_stage(config)
     first_stage.autoencoder.load_pretrained(str(tmp_path / "vae"))
@@ -48,7 +47,7 @@ def test_diffusers_vae_round_trips_through_save_and_load(tmp_path):
 def test_a_vae_path_without_config_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="has no config.json") as error:
-        first_stage_config(str(tmp_path / "empty"), 16)
+        vae_config(str(tmp_path / "empty"), 16)
     assert "\n" not in str(error.value)
 
 

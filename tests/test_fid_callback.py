@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from diffusion_lab.models.feature_classifier import ClassifierNet
+from diffusion_lab.models.components.classifier import ClassifierNet
 from tiny_run import image_folder, run_train, tiny_overrides
 
 

@@ -21,7 +21,8 @@ from tiny_run import run_train
 
 from diffusion_lab.data.image_datamodule import ImageDataModule
 from diffusion_lab.data.latent_shards import LatentShardsDataModule
-from diffusion_lab.data.latents import FIRST_STAGE_FILE, load_first_stage, weights_sha256
+from diffusion_lab.data.latents import FIRST_STAGE_FILE, weights_sha256
+from diffusion_lab.models.first_stage import load_first_stage
 from diffusion_lab.data.prepare import prepare
 from diffusion_lab.data.shards import ShardsDataModule
 from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL
@@ -76,13 +77,13 @@ def test_cached_latents_equal_a_fresh_encode(kind, folder, latents, autoencoder,
         images = rgb_folder(tmp_path / "images")
         prepare(prepare_config(["data=folder", f"data.root={images}", "data.image_size=16", "data.val_size=8",
                                 f"first_stage={source}", f"out={out}", "num_workers=0", "device=cpu"]))
-    first_stage, config = load_first_stage(str(source), [channels, image_size, image_size])
+    first_stage, config = load_first_stage(str(source), (channels, image_size, image_size), "first_stage")
     meta = json.loads((out / "prepared.json").read_text())["latents"]
     assert meta["shape"] == list(first_stage.latent_shape) and meta["dtype"] == str(dtype).removeprefix("torch.")
     assert meta["scale_factor"] == pytest.approx(float(first_stage.scale_factor))
     assert meta["first_stage"]["weights_sha256"] == weights_sha256(first_stage)
     assert meta["first_stage"]["config"]["model"] == config["model"]
-    copied, _ = load_first_stage(str(out / FIRST_STAGE_FILE), [channels, image_size, image_size])
+    copied, _ = load_first_stage(str(out / FIRST_STAGE_FILE), (channels, image_size, image_size), "first_stage")
     assert weights_sha256(copied) == weights_sha256(first_stage)  # the decoder stage 2 uses is the same
 
     cached = LatentShardsDataModule(str(out), image_size, channels)

@@ -1,4 +1,4 @@
-"""LPIPS (metrics.lpips: the lpips package's network, filled from files) on random weights written in the real layouts (torchvision's vgg16-397923af.pth, the lpips package's v0.1/vgg.pth) through the project's loader; a
+"""LPIPS (models/components/lpips.py: the lpips package's network, filled from files) on random weights written in the real layouts (torchvision's vgg16-397923af.pth, the lpips package's v0.1/vgg.pth) through the project's loader; a
 tiny consistency-distillation run with module.metric=lpips; and the one-line errors for missing or wrong files."""
 
 from pathlib import Path
@@ -12,7 +12,7 @@ from test_resume import last_checkpoint, run
 from tiny_run import image_folder
 
 from diffusion_lab.diffusion.consistency import lpips_metric
-from diffusion_lab.metrics.lpips import load_lpips
+from diffusion_lab.models.components.lpips import load_lpips
 from diffusion_lab.builders import load_model
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.errors import ConfigError

@@ -19,7 +19,7 @@ from diffusion_lab.metrics.precision_recall import precision_recall
 from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.models.diffusion_model import DiffusionModel
-from diffusion_lab.models.feature_classifier import ClassifierNet
+from diffusion_lab.models.components.classifier import ClassifierNet
 from diffusion_lab.utils.errors import ConfigError
 
 

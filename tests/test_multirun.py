@@ -5,7 +5,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from diffusion_lab.utils.resolvers import register_resolvers
+from diffusion_lab.config import register_resolvers
 from tiny_run import ROOT, image_folder, run_train, tiny_overrides
 
 

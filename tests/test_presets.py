@@ -15,7 +15,7 @@ from torch import nn
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.samplers.sampling import ddpm
-from diffusion_lab.utils.resolvers import register_resolvers
+from diffusion_lab.config import register_resolvers
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 register_resolvers()

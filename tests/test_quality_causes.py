@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from diffusion_lab.builders import build_process
 from diffusion_lab.diffusion.schedules import beta_schedule
-from diffusion_lab.utils.resolvers import register_resolvers
+from diffusion_lab.config import register_resolvers
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 register_resolvers()

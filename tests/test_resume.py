@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from diffusion_lab.train import train
 from diffusion_lab.utils.checkpoint import load_checkpoint
-from diffusion_lab.utils.resolvers import register_resolvers
+from diffusion_lab.config import register_resolvers
 from tiny_run import ROOT, TRAIN_STEPS_PER_EPOCH, image_folder, tiny_overrides
 
 STEPS = 2 * TRAIN_STEPS_PER_EPOCH + 2  # ends mid-epoch, after two epoch boundaries

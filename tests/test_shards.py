@@ -18,7 +18,7 @@ from diffusion_lab.data import datasets, image_datamodule
 from diffusion_lab.data.image_datamodule import ImageDataModule, ImageFileDataset, UInt8ImageDataset, held_out
 from diffusion_lab.data.prepare import plan, prepare
 from diffusion_lab.data.shards import META_FILE, ShardsDataModule
-from diffusion_lab.utils.cli import CONFIG_DIR as CONFIGS
+from diffusion_lab.config import CONFIG_DIR as CONFIGS
 from diffusion_lab.utils.errors import ConfigError
 from conftest import needs_fashion_mnist
 from test_data import idx_pair

@@ -1,9 +1,41 @@
-"""The package's import graph, read from the source: no circles, and samplers that know no process or Lightning."""
+"""The package's import graph, read from the source with every import counted (inside functions and TYPE_CHECKING
+blocks too): no circles, each module in a declared layer importing only the layers below it, the process maths and
+the networks free of Lightning, Hydra and OmegaConf, and the command-line programs imported by nothing. And the
+sizes: no file over 300 lines, no class over 150, no function over 60 (issue 25)."""
 
 import ast
+import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusion_lab"
+
+# The layers, bottom to top. Each names its modules (a name covers its submodules; the longest name that covers a
+# module places it) and the layers it may import besides its own. Data, evaluation and the LightningModules stand
+# beside each other over the model object: none imports another. A command-line program imports no other one.
+LAYERS = {
+    "utils": ({"utils"}, set()),
+    "process maths": ({"diffusion", "samplers", "ema"}, {"utils"}),
+    "networks": ({"models.components"}, {"utils"}),
+    "model object": ({"models.diffusion_model", "models.first_stage", "builders", "generate"},
+                     {"utils", "process maths", "networks"}),
+    "lightning modules": ({"models"}, {"utils", "process maths", "networks", "model object"}),
+    "data": ({"data"}, {"utils", "networks", "model object"}),
+    "evaluation": ({"metrics"}, {"utils", "process maths", "networks", "model object"}),
+    "training callbacks": ({"callbacks"}, {"utils", "process maths", "networks", "model object", "evaluation"}),
+    "config": ({"config"}, {"utils", "model object", "data"}),
+    "command-line programs": ({"train", "sample", "data.prepare", "metrics.__main__"},
+                              {"utils", "process maths", "networks", "model object", "lightning modules", "data",
+                               "evaluation", "training callbacks", "config"}),
+}
+SELF_IMPORT_FORBIDDEN = {"command-line programs"}
+
+# What the bottom layers may import from outside the package (the standard library aside).
+THIRD_PARTY = {
+    "process maths": {"torch", "numpy", "scipy", "torchdiffeq"},
+    "networks": {"torch", "einops", "diffusers", "lpips"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -11,19 +43,82 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def imported_names(source: str, package: list[str]) -> set[str]:
+    """Every name an import statement anywhere in `source` reads (module, and module.name for `from` imports),
+    imports relative to `package` made absolute."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def file_imports(path: Path) -> set[str]:
+    package = module_name(path).split(".")
+    return imported_names(path.read_text(), package if path.name == "__init__.py" else package[:-1])
+
+
 def imports() -> dict[str, set[str]]:
-    """Every module of the package -> the modules it imports (absolute names, TYPE_CHECKING blocks included)."""
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-                names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[module_name(path)] = names
+    """Every module of the package -> the modules of the package it imports."""
+    graph = {module_name(path): file_imports(path) for path in PACKAGE.rglob("*.py")}
     return {name: {dep for dep in deps if dep in graph and dep != name} for name, deps in graph.items()}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer whose longest module name covers `module` (None: in no layer)."""
+    relative = module.removeprefix("diffusion_lab").removeprefix(".")
+    covering = [(len(prefix), layer) for layer, (prefixes, _) in LAYERS.items() for prefix in prefixes
+                if relative == prefix or relative.startswith(prefix + ".")]
+    return max(covering)[1] if covering else None
+
+
+def test_every_module_has_a_layer():
+    graph = imports()
+    unplaced = sorted(name for name in graph if name != "diffusion_lab" and layer_of(name) is None
+                      and not (PACKAGE / name.split(".", 1)[1].replace(".", "/") / "__init__.py").is_file())
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+
+
+def test_each_layer_imports_only_the_layers_it_stands_on():
+    graph = imports()
+    wrong = []
+    for module, deps in sorted(graph.items()):
+        layer = layer_of(module)
+        if layer is None:
+            continue
+        allowed = LAYERS[layer][1] | ({layer} - SELF_IMPORT_FORBIDDEN)
+        wrong += [f"{module} ({layer}) -> {dep} ({layer_of(dep)})" for dep in sorted(deps)
+                  if layer_of(dep) is not None and layer_of(dep) not in allowed]
+    assert not wrong, "imports that break the layering:\n" + "\n".join(wrong)
+
+
+def test_nothing_imports_a_command_line_program():
+    graph = imports()
+    programs = {name for name in graph if layer_of(name) == "command-line programs"}
+    importers = sorted(f"{module} -> {dep}" for module, deps in graph.items() for dep in deps & programs)
+    assert programs and not importers, f"library code imports a command-line program: {importers}"
+
+
+def test_process_maths_and_networks_import_no_lightning_hydra_or_omegaconf():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        layer = layer_of(module_name(path))
+        if layer in THIRD_PARTY:
+            outside = {name.split(".")[0] for name in file_imports(path)} - {"diffusion_lab"}
+            wrong += [f"{module_name(path)} imports {name}" for name in sorted(outside)
+                      if name not in sys.stdlib_module_names and name not in THIRD_PARTY[layer]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_imports_inside_functions_and_relative_ones_count():
+    source = "def f():\n    if True:\n        from diffusion_lab.sample import sample\n        from ..data import shards\n"
+    names = imported_names(source, ["diffusion_lab", "models"])
+    assert {"diffusion_lab.sample", "diffusion_lab.data.shards"} <= names
 
 
 def test_no_import_circle():
@@ -45,10 +140,41 @@ def test_no_import_circle():
 
 def test_samplers_import_neither_a_process_nor_lightning():
     for path in (PACKAGE / "samplers").glob("*.py"):
-        source = path.read_text()
-        tree = ast.parse(source)
-        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        forbidden = [m for m in modules if m.startswith(("diffusion_lab.diffusion", "diffusion_lab.models", "lightning",
-                                                           "pytorch_lightning"))]
+        forbidden = [m for m in file_imports(path) if m.startswith(("diffusion_lab.diffusion", "diffusion_lab.models",
+                                                                        "lightning", "pytorch_lightning"))]
         assert not forbidden, f"{path.name} imports {forbidden}"
+
+
+MAX_LINES = {"file": 300, "class": 150, "function": 60}
+# Offenders being split by the helper that owns them (issue 25), each held by the strict xfail below: remove an
+# entry with its split (the xfail then passes and fails the run until it is removed).
+PENDING_SPLITS: dict[tuple[str, str, str], str] = {}
+
+
+def oversized() -> dict[tuple[str, str, str], int]:
+    """(file under src/diffusion_lab, kind, name) -> lines, for every file, class and function (methods and nested
+    functions included) longer than MAX_LINES allows; lines counted from the def or class line to the last line."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source, where = path.read_text(), str(path.relative_to(PACKAGE))
+        if len(source.splitlines()) > MAX_LINES["file"]:
+            found[(where, "file", "")] = len(source.splitlines())
+        for node in ast.walk(ast.parse(source)):
+            kind = "class" if isinstance(node, ast.ClassDef) else "function" if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+            if kind and node.end_lineno - node.lineno + 1 > MAX_LINES[kind]:
+                found[(where, kind, node.name)] = node.end_lineno - node.lineno + 1
+    return found
+
+
+def test_no_file_class_or_function_is_too_long():
+    over = {key: lines for key, lines in oversized().items() if key not in PENDING_SPLITS}
+    assert not over, "over " + str(MAX_LINES) + ": " + ", ".join(f"{f} {k} {n} ({lines} lines)" for (f, k, n), lines
+                                                                 in over.items())
+
+
+@pytest.mark.skipif(not PENDING_SPLITS, reason="no split pending")
+@pytest.mark.xfail(strict=True, reason="splits in flight: " + "; ".join(f"{f} {n}: {owner}" for (f, _, n), owner
+                                                                     in PENDING_SPLITS.items()))
+def test_the_pending_splits_are_done():
+    assert not set(PENDING_SPLITS) & set(oversized())

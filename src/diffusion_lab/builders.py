@@ -8,8 +8,8 @@ from hydra.utils import get_class, instantiate
 from torch import nn
 
 from diffusion_lab.diffusion.schedules import beta_schedule
-from diffusion_lab.models import autoencoder_module
 from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.models.first_stage import build_first_stage, latent_shape, load_first_stage
 from diffusion_lab.utils.checkpoint import model_weights, submodule_state
 from diffusion_lab.utils.errors import ConfigError
 
@@ -42,11 +42,14 @@ def build_process(cfg: Any) -> nn.Module:
 def backbone_shape(cfg: Any) -> tuple[int, int, int]:
     """(channels, height, width) of what the backbone denoises: the data's images, or for latent diffusion
     (`cfg.first_stage`) the first stage's latents."""
-    data, first_stage = cfg["data"], cfg.get("first_stage")
-    if first_stage:
-        autoencoder = first_stage["model"]
-        size = autoencoder["image_size"] // autoencoder["factor"]
-        return autoencoder["latent_channels"], size, size
+    if cfg.get("first_stage"):
+        return latent_shape(cfg["first_stage"])
+    return image_shape(cfg)
+
+
+def image_shape(cfg: Any) -> tuple[int, int, int]:
+    """(channels, height, width) of the data's images."""
+    data = cfg["data"]
     return data["channels"], data["image_size"], data["image_size"]
 
 
@@ -85,28 +88,13 @@ def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
     process = build_process(cfg)
     net = build_net(cfg, process)
     first_stage = None
-    if cfg.get("first_stage"):
-        if trained_first_stage and cfg["first_stage"].get("path"):  # a pretrained diffusers VAE by path
-            first_stage = autoencoder_module.build_first_stage(cfg["first_stage"])
-            first_stage.autoencoder.load_pretrained(cfg["first_stage"]["path"])
-        elif trained_first_stage:
-            first_stage = autoencoder_module.load_first_stage(cfg["first_stage_ckpt"])
-        else:
-            first_stage = autoencoder_module.build_first_stage(cfg["first_stage"])
-        if trained_first_stage:
-            check_first_stage_data(first_stage, cfg)
+    if cfg.get("first_stage") and trained_first_stage:
+        vae_path = cfg["first_stage"].get("path")  # a pretrained diffusers VAE by path, else the project's autoencoder
+        path, key = (vae_path, "vae_path") if vae_path else (cfg["first_stage_ckpt"], "first_stage_ckpt")
+        first_stage, _ = load_first_stage(path, image_shape(cfg), key)
+    elif cfg.get("first_stage"):
+        first_stage = build_first_stage(cfg["first_stage"])
     return DiffusionModel(net, process, backbone_shape(cfg), first_stage, num_classes(cfg))
-
-
-def check_first_stage_data(first_stage: nn.Module, cfg: Any) -> None:
-    """The autoencoder must encode images of the data's shape."""
-    data, autoencoder = cfg["data"], first_stage.autoencoder
-    if (data["channels"], data["image_size"]) != (autoencoder.channels, autoencoder.image_size):
-        raise ConfigError(
-            f"the first stage ({cfg.get('first_stage_ckpt') or cfg['first_stage'].get('path')}) encodes {autoencoder.image_size}x{autoencoder.image_size}x"
-            f"{autoencoder.channels} images, but data={data.get('dataset', '?')} has {data['image_size']}x"
-            f"{data['image_size']}x{data['channels']}; use an autoencoder trained on this data set"
-        )
 
 
 def load_model(checkpoint: dict, weights: str, device: torch.device) -> DiffusionModel:

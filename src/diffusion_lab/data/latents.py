@@ -25,38 +25,11 @@ from rich.progress import Progress
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion_lab.models.autoencoder_module import build_first_stage, first_stage_config, load_autoencoder_checkpoint
-from diffusion_lab.models.components import diffusers_vae
 from diffusion_lab.models.components.autoencoder_kl import FirstStage
-from diffusion_lab.utils.checkpoint import submodule_state
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.io import atomic_path
 
 FIRST_STAGE_FILE = "first_stage.ckpt"
 LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-def load_first_stage(path: str, image_shape: list[int]) -> tuple[FirstStage, dict]:
-    """The frozen first stage at `path` (an autoencoder checkpoint file or a diffusers VAE folder) and its
-    `first_stage` config, checked to encode images of `image_shape` (C, H, W)."""
-    if not Path(path).expanduser().exists():
-        raise ConfigError(f"first_stage={path} does not exist; give an autoencoder checkpoint of this project "
-                          "(experiment=autoencoder_*) or a diffusers AutoencoderKL folder (save_pretrained)")
-    if Path(path).expanduser().is_dir():
-        config = diffusers_vae.first_stage_config(path, image_shape[-1])
-        first_stage = build_first_stage(config)
-        first_stage.autoencoder.load_pretrained(path)
-    else:
-        checkpoint = load_autoencoder_checkpoint(path)
-        config = first_stage_config(checkpoint)
-        first_stage = build_first_stage(config, submodule_state(checkpoint["state_dict"], "net"))
-    autoencoder = first_stage.autoencoder
-    if [autoencoder.channels, autoencoder.image_size, autoencoder.image_size] != list(image_shape):
-        c, h, w = image_shape
-        raise ConfigError(f"first_stage={path} encodes {autoencoder.image_size}x{autoencoder.image_size}x"
-                          f"{autoencoder.channels} images, but the data are {h}x{w}x{c}; set data.image_size and "
-                          "data.channels to the first stage's")
-    return first_stage.eval(), config
 
 
 def weights_sha256(first_stage: FirstStage) -> str:
@@ -81,14 +54,6 @@ def latent_record(first_stage: FirstStage, config: dict, path: str, dtype: str) 
         "first_stage": {"path": str(Path(path).expanduser().resolve()), "config": config,
                         "weights_sha256": weights_sha256(first_stage)},
     }
-
-
-def save_first_stage(first_stage: FirstStage, config: dict, path: Path) -> None:
-    """`first_stage` as an autoencoder checkpoint that `${first_stage:PATH}` and `load_first_stage` read."""
-    checkpoint = {"config": {"model": config["model"]}, "first_stage": {"scale_factor": float(first_stage.scale_factor)},
-                  "state_dict": {f"net.{name}": value for name, value in first_stage.autoencoder.state_dict().items()}}
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
 
 
 class SourceImages(Dataset):

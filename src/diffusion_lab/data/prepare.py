@@ -31,7 +31,8 @@ from torch import Tensor
 from diffusion_lab.data import datasets, hf, latents
 from diffusion_lab.data.image_datamodule import held_out
 from diffusion_lab.data.shards import FORMAT_VERSION, META_FILE, is_url
-from diffusion_lab.utils.cli import hydra_main
+from diffusion_lab.models.first_stage import load_first_stage, save_first_stage
+from diffusion_lab.config import hydra_main
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path, check_writable_folder
 from diffusion_lab.utils.launch import launch
@@ -239,7 +240,7 @@ def prepare(cfg: DictConfig) -> dict:
     fabric = None
     if cfg.first_stage:  # every rank (one per device) runs what follows; only rank 0 writes prepared.json
         fabric = launch(cfg)
-        first_stage, config = latents.load_first_stage(cfg.first_stage, settings["image_shape"])
+        first_stage, config = load_first_stage(cfg.first_stage, settings["image_shape"], "first_stage")
         first_stage.to(fabric.device)
         settings |= {"latents": latents.latent_record(first_stage, config, cfg.first_stage, cfg.latent_dtype),
                      "chunk_bytes": cfg.chunk_bytes}
@@ -258,7 +259,7 @@ def prepare(cfg: DictConfig) -> dict:
     if rank_zero:
         write_meta(out, {**settings, "complete": False})
         if fabric is not None:
-            latents.save_first_stage(first_stage, config, out / latents.FIRST_STAGE_FILE)
+            save_first_stage(first_stage, config, out / latents.FIRST_STAGE_FILE)
     for split, (fn, indices) in jobs.items():
         if (out / split / "index.json").is_file():
             if rank_zero:

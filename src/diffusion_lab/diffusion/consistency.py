@@ -42,7 +42,7 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
 
 def lpips_metric(lpips: nn.Module) -> Metric:
     """d(a, b) = LPIPS(up(a), up(b)), up a bilinear resize to 224 x 224 of images narrower than 256 (Song et al. 2023,
-    their code's `cm/karras_diffusion.py`); `lpips` takes images in [-1, 1] (`metrics.lpips.LPIPS`)."""
+    their code's `cm/karras_diffusion.py`); `lpips` takes images in [-1, 1] (`models/components/lpips.py`)."""
 
     def metric(a: Tensor, b: Tensor) -> Tensor:
         if a.shape[-1] < 256:

@@ -19,7 +19,8 @@ from diffusion_lab.metrics.extractors import classifier_path_for, data_option, w
 from diffusion_lab.metrics.real_features import extract_features, real_features
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_npz, read_stats, write_stats
 from diffusion_lab.metrics.scores import SAMPLE_METRICS
-from diffusion_lab.utils.cli import compose_config, one_line_errors
+from diffusion_lab.config import compose_config
+from diffusion_lab.utils.cli import one_line_errors
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.io import atomic_path
 

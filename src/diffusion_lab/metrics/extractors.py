@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.metrics.dinov2 import DinoVisionTransformer
+from diffusion_lab.models.components.classifier import ClassifierNet
+from diffusion_lab.models.components.layers import rgb
+from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import hub_checkpoint
 
 EXTRACTORS = ("inception", "dinov2", "classifier")
 SHIPPED_CLASSIFIERS = {"fashion_mnist": Path(__file__).parent / "weights" / "fashion_mnist_classifier.pt"}  # at 28x28x1
@@ -45,11 +49,6 @@ def weights_hash(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def hub_checkpoint(url: str) -> Path:
-    """Where `torch.hub.load_state_dict_from_url(url)` keeps its file: the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-
-
 def weights_file(weights_path: str | None, url: str, network: str) -> str:
     """`metrics.weights_path` if given (it must exist), else the torch hub cache's copy of `url`; ConfigError (one
     line naming both places and the URL) when absent."""
@@ -61,10 +60,6 @@ def weights_file(weights_path: str | None, url: str, network: str) -> str:
         raise ConfigError(f"the {network} weights are absent: looked in metrics.weights_path (null) and "
                           f"{hub_checkpoint(url)}; download {url} to either, or use metrics.extractor=classifier")
     return str(hub_checkpoint(url))
-
-
-def rgb(images: Tensor) -> Tensor:
-    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 class InceptionFeatures(nn.Module):
@@ -145,9 +140,6 @@ class ClassifierFeatures(nn.Module):
 
     def __init__(self, checkpoint_path: str):
         super().__init__()
-        from diffusion_lab.models.feature_classifier import ClassifierNet
-        from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
-
         if checkpoint_path is None:
             raise ConfigError(
                 f"metrics.classifier_path=null and no classifier ships for this data set (shipped: "

@@ -13,13 +13,11 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from lightning import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
-from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL, FirstStage
-from diffusion_lab.utils.checkpoint import load_checkpoint, submodule_state
+from diffusion_lab.models.components.autoencoder_kl import AutoencoderKL
 from diffusion_lab.utils.errors import ConfigError
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
 from diffusion_lab.utils.media import save_grid, to_uint8
@@ -131,34 +129,3 @@ class AutoencoderModule(LightningModule):
             self.scale_factor = self.measure_scale_factor()
         checkpoint["config"] = self.run_config
         checkpoint["first_stage"] = {"scale_factor": self.scale_factor}
-
-
-def load_autoencoder_checkpoint(path: str) -> dict:
-    """An autoencoder checkpoint written by `AutoencoderModule`; ConfigError for anything else."""
-    checkpoint = load_checkpoint(path, key="first_stage_ckpt")
-    if "first_stage" not in checkpoint:
-        raise ConfigError(
-            f"first_stage_ckpt={path} is not an autoencoder checkpoint; train one with experiment=autoencoder_fashion_mnist"
-        )
-    return checkpoint
-
-
-def first_stage_config(checkpoint: dict) -> dict:
-    """What a latent-diffusion run records of its first stage (`cfg.first_stage`, through the `first_stage`
-    config resolver): the autoencoder's model config and the scale factor of an autoencoder checkpoint."""
-    return {"model": checkpoint["config"]["model"], "scale_factor": checkpoint["first_stage"]["scale_factor"]}
-
-
-def build_first_stage(first_stage: dict, state_dict: dict[str, Tensor] | None = None) -> FirstStage:
-    """The frozen `FirstStage` of a `first_stage` config (see `first_stage_config`), with the autoencoder weights
-    of `state_dict` when given."""
-    autoencoder = instantiate(first_stage["model"], _convert_="all")
-    if state_dict is not None:
-        autoencoder.load_state_dict(state_dict)
-    return FirstStage(autoencoder, first_stage["scale_factor"])
-
-
-def load_first_stage(path: str) -> FirstStage:
-    """The frozen `FirstStage` (weights and scale factor) of the autoencoder checkpoint at `path`."""
-    checkpoint = load_autoencoder_checkpoint(path)
-    return build_first_stage(first_stage_config(checkpoint), submodule_state(checkpoint["state_dict"], "net"))

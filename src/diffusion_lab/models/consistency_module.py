@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion.consistency import Metric, heun_step, lpips_metric
-from diffusion_lab.metrics.lpips import LIN_URL, VGG16_URL, load_lpips
+from diffusion_lab.models.components.lpips import LIN_URL, VGG16_URL, load_lpips
 from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.models.teacher import Frozen, init_from_teacher, load_teacher
 from diffusion_lab.utils.errors import ConfigError
@@ -24,7 +24,7 @@ class ConsistencyModule(DiffusionModule):
     (1 - mu) theta) after every optimizer step (Song et al. 2023, Alg. 2-3; target_decay mu = 0: the student itself).
     metric: d of the loss, pseudo_huber (iCT) or lpips (Song et al. 2023), the latter from the files lpips_weights (the
     linear layers) and vgg_weights (the VGG16; null: the torch hub cache's copy), with VGG's lpips_pooling (null: max,
-    the lpips package's; average: piq's, as Song et al.'s code), see `metrics.lpips`."""
+    the lpips package's; average: piq's, as Song et al.'s code), see `models/components/lpips.py`."""
 
     def __init__(self, model, *args, target_decay: float = 0.95, metric: str = "pseudo_huber",
                  lpips_weights: str | None = None, vgg_weights: str | None = None, lpips_pooling: str | None = None,

@@ -1,9 +1,12 @@
-"""Writing files so that nothing already written is lost: write to a temporary name beside the target, then rename."""
+"""Files: writing so that nothing already written is lost (write to a temporary name beside the target, then rename),
+whether a folder can be written, and where the torch hub cache keeps downloaded weights."""
 
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from diffusion_lab.utils.errors import ConfigError
 
@@ -35,3 +38,8 @@ def check_writable_folder(path: str | Path, key: str) -> None:
             pass
     except OSError as error:
         raise ConfigError(f"{key}={path} cannot be written: {error.strerror} in {nearest}; choose another {key}") from error
+
+
+def hub_checkpoint(url: str) -> Path:
+    """Where `torch.hub.load_state_dict_from_url(url)` keeps its file: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]

@@ -3,8 +3,8 @@ stage of latent diffusion, by path:
 
     python train.py experiment=dit_imagenet256 vae_path=DIR      # DIR holds config.json and the weights
 
-`${diffusers_vae:DIR,IMAGE_SIZE}` reads DIR/config.json into the run's `first_stage` config (the architecture, the
-latent shape and the VAE's own `scaling_factor`, 0.18215 for SD-VAE); training loads the weights from DIR, and every
+`${diffusers_vae:DIR,IMAGE_SIZE}` reads DIR/config.json into the run's `first_stage` config (models/first_stage.py:
+the architecture, the latent shape and the VAE's own `scaling_factor`, 0.18215 for SD-VAE); training loads the weights from DIR, and every
 checkpoint holds them under `model.first_stage.`, so a checkpoint alone samples, as with the project's autoencoder.
 """
 
@@ -27,19 +27,6 @@ def read_vae_config(path: str) -> dict:
     if config.get("_class_name") != "AutoencoderKL":
         raise ConfigError(f"vae_path={path} holds a {config.get('_class_name', 'unknown')}, not a diffusers AutoencoderKL")
     return config
-
-
-def first_stage_config(path: str, image_size: int) -> dict:
-    """The `first_stage` config of the VAE at `path` for images of `image_size` (see `first_stage_config` in
-    models/autoencoder_module.py for the project's own autoencoder)."""
-    config = read_vae_config(path)
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
-    if int(image_size) % factor:
-        raise ConfigError(f"data.image_size={image_size} is not divisible by the VAE's downsampling factor {factor}")
-    model = {"_target_": "diffusion_lab.models.components.diffusers_vae.DiffusersVAE", "vae_config": config,
-             "channels": config["in_channels"], "image_size": int(image_size), "factor": factor,
-             "latent_channels": config["latent_channels"]}
-    return {"model": model, "scale_factor": config.get("scaling_factor", 0.18215), "path": str(path)}
 
 
 class DiffusersVAE(nn.Module):

@@ -66,3 +66,8 @@ def checkpointed(enabled: bool, block: Callable[..., Tensor], *args: Tensor) -> 
     """block(*args); when enabled, its activations are not kept but recomputed in the backward pass (gradient
     checkpointing, Chen et al. 2016; torch.utils.checkpoint, non-reentrant: same outputs and gradients)."""
     return checkpoint(block, *args, use_reentrant=False) if enabled else block(*args)
+
+
+def rgb(images: Tensor) -> Tensor:
+    """Grayscale images (B, 1, H, W) repeated to 3 channels; RGB ones unchanged."""
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images

@@ -111,6 +111,25 @@ def upsample(dim: int, dim_out: int) -> nn.Module:
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim, dim_out, 3, padding=1))
 
 
+def down_levels(in_out: list[tuple[int, int]], block: Callable, attn: Callable) -> nn.ModuleList:
+    """Per level (width d_in -> d_out): two ResNet blocks, linear attention, then downsampling (a 3x3 conv to d_out
+    at the last level, which keeps the resolution)."""
+    last = len(in_out) - 1
+    return nn.ModuleList(
+        nn.ModuleList([block(d_in, d_in), block(d_in, d_in), attn(d_in),
+                       nn.Conv2d(d_in, d_out, 3, padding=1) if i == last else downsample(d_in, d_out)])
+        for i, (d_in, d_out) in enumerate(in_out))
+
+
+def up_levels(in_out: list[tuple[int, int]], block: Callable, attn: Callable) -> nn.ModuleList:
+    """The levels of `down_levels` in reverse: two ResNet blocks over (x, skip), linear attention, upsampling."""
+    last = len(in_out) - 1
+    return nn.ModuleList(
+        nn.ModuleList([block(d_out + d_in, d_out), block(d_out + d_in, d_out), attn(d_out),
+                       nn.Conv2d(d_out, d_in, 3, padding=1) if i == last else upsample(d_out, d_in)])
+        for i, (d_in, d_out) in enumerate(reversed(in_out)))
+
+
 class UnetAttn(nn.Module):
     """U-Net with widths dim * dim_mults; the resolution halves between levels (len(dim_mults) - 1 times).
     `self_condition` adds the previous x_0 estimate as extra input channels (Chen et al. 2023, analog bits);
@@ -155,36 +174,23 @@ class UnetAttn(nn.Module):
         self.class_emb = ClassEmbedding(num_classes, emb_dim) if num_classes and context_encoder is None else None
 
         in_out = list(zip(dims[:-1], dims[1:]))
-        self.downs = nn.ModuleList()
-        for i, (d_in, d_out) in enumerate(in_out):
-            last = i == len(in_out) - 1
-            self.downs.append(
-                nn.ModuleList(
-                    [block(d_in, d_in), block(d_in, d_in), attn(d_in),
-                     nn.Conv2d(d_in, d_out, 3, padding=1) if last else downsample(d_in, d_out)]
-                )
-            )
+        self.downs = down_levels(in_out, block, attn)
         self.mid_block1 = block(dims[-1], dims[-1])
         self.mid_attn = Attention(dims[-1], heads=attn_heads, dim_head=attn_dim_head)
         self.mid_block2 = block(dims[-1], dims[-1])
-        self.ups = nn.ModuleList()
-        for i, (d_in, d_out) in enumerate(reversed(in_out)):
-            last = i == len(in_out) - 1
-            self.ups.append(
-                nn.ModuleList(
-                    [block(d_out + d_in, d_out), block(d_out + d_in, d_out), attn(d_out),
-                     nn.Conv2d(d_out, d_in, 3, padding=1) if last else upsample(d_out, d_in)]
-                )
-            )
+        self.ups = up_levels(in_out, block, attn)
         self.final_block = block(dim * 2, dim)
         self.final_conv = nn.Conv2d(dim, self.out_channels, 1)
-        # cross-attention after every attention, kept apart from downs / ups (empty without a context encoder, so
-        # the parameters and state-dict keys of a model without it are unchanged)
+        self.add_cross_attention(in_out, attn_heads, attn_dim_head)
+
+    def add_cross_attention(self, in_out: list[tuple[int, int]], heads: int, dim_head: int) -> None:
+        """Cross-attention after every attention, kept apart from downs / ups (empty without a context encoder, so
+        the parameters and state-dict keys of a model without it are unchanged)."""
         with_cross = self.context_encoder is not None
         if with_cross:
-            cross = partial(CrossAttention, context_dim=self.context_encoder.dim, heads=attn_heads, dim_head=attn_dim_head)
+            cross = partial(CrossAttention, context_dim=self.context_encoder.dim, heads=heads, dim_head=dim_head)
         self.down_cross = nn.ModuleList([cross(d_in) for d_in, _ in in_out] if with_cross else [])
-        self.mid_cross = cross(dims[-1]) if with_cross else None
+        self.mid_cross = cross(in_out[-1][1]) if with_cross else None
         self.up_cross = nn.ModuleList([cross(d_out) for _, d_out in reversed(in_out)] if with_cross else [])
 
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:

@@ -1,8 +1,23 @@
-"""OmegaConf resolvers the configs use."""
+"""The one config mechanism of every command-line program: `hydra_main` (Hydra apps: train.py, sample.py,
+`python -m diffusion_lab.data.prepare`) and `compose_config` (programs with arguments of their own:
+`python -m diffusion_lab.metrics`, the benchmarks) both read `CONFIG_DIR` with the project's OmegaConf resolvers
+registered (`register_resolvers`), and end a bad input in one clear error line. The resolvers read the first stage
+and the prepared shards, so this module stands above the model object and the data."""
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
-from omegaconf import OmegaConf
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.data.shards import read_meta
+from diffusion_lab.models.first_stage import autoencoder_config, load_autoencoder_checkpoint, vae_config
+from diffusion_lab.utils.cli import one_line_errors
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (installed editable from src/)
 
 
 def wandb_mode() -> str:
@@ -20,24 +35,18 @@ def wandb_mode() -> str:
 def first_stage(path: str) -> dict:
     """`${first_stage:PATH}`: the model config and latent scale factor of the autoencoder checkpoint at PATH
     (latent diffusion, see experiment/latent_ddpm_fashion_mnist.yaml)."""
-    from diffusion_lab.models.autoencoder_module import first_stage_config, load_autoencoder_checkpoint
-
-    return first_stage_config(load_autoencoder_checkpoint(path))
+    return autoencoder_config(load_autoencoder_checkpoint(path))
 
 
 def diffusers_vae(path: str, image_size: int) -> dict:
     """`${diffusers_vae:DIR,IMAGE_SIZE}`: the first-stage config of a diffusers AutoencoderKL saved at DIR
-    (models/components/diffusers_vae.py)."""
-    from diffusion_lab.models.components.diffusers_vae import first_stage_config
-
-    return first_stage_config(path, image_size)
+    (models/first_stage.py)."""
+    return vae_config(path, image_size)
 
 
 def shards_image(root: str, key: str) -> int:
     """`${shards_image:ROOT,size}` / `${shards_image:ROOT,channels}`: the image size or channels of the images the shards
     at ROOT were prepared from (their prepared.json; data=latent_shards: the shape its latents decode to)."""
-    from diffusion_lab.data.shards import read_meta
-
     channels, size, _ = read_meta(root, samples=None)["image_shape"]
     return {"size": size, "channels": channels}[key]
 
@@ -71,3 +80,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("folder_classes", folder_classes, use_cache=True)
     if not OmegaConf.has_resolver("diffusers_vae"):
         OmegaConf.register_new_resolver("diffusers_vae", diffusers_vae, use_cache=True)
+
+
+def hydra_main(config_name: str) -> Callable[[Callable[[DictConfig], object]], Callable[[], object]]:
+    """`@hydra_main("train")`: `hydra.main` over `CONFIG_DIR/<config_name>.yaml` (or a ConfigStore node of that
+    name), the task function's errors in one line."""
+
+    def decorate(task: Callable[[DictConfig], object]) -> Callable[[], object]:
+        register_resolvers()
+        hydra_app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+        return hydra_app(one_line_errors(task))
+
+    return decorate
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """`CONFIG_DIR/<config_name>.yaml` (or a ConfigStore node) composed with Hydra overrides, as `hydra_main` composes
+    it for the command line."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides)

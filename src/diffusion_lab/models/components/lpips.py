@@ -18,8 +18,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.metrics.extractors import hub_checkpoint, rgb
+from diffusion_lab.models.components.layers import rgb
 from diffusion_lab.utils.errors import ConfigError
+from diffusion_lab.utils.io import hub_checkpoint
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
