@@ -15,15 +15,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusion_lab"
 # module places it) and the layers it may import besides its own. Data, evaluation and the LightningModules stand
 # beside each other over the model object: none imports another. A command-line program imports no other one.
 LAYERS = {
+    # errors, files, seeds, checkpoint files, process launch
     "utils": ({"utils"}, set()),
+    # paths, processes, losses, samplers, EMA profiles
     "maths": ({"diffusion", "samplers", "ema"}, {"utils"}),
+    # backbones, autoencoders, LPIPS, the feature classifier's network
     "networks": ({"models.components"}, {"utils"}),
+    # the model object, its first stage, its builder and the batched sampling loop
     "model object": ({"models.diffusion_model", "models.first_stage", "builders", "generate"},
                      {"utils", "maths", "networks"}),
+    # the rest of models/: training and distillation, the teacher
     "lightning modules": ({"models"}, {"utils", "maths", "networks", "model object"}),
+    # datamodules, shards, latents (encoded by the first stage)
     "data": ({"data"}, {"utils", "networks", "model object"}),
+    # feature extractors, scores, the bound of a model object
     "evaluation": ({"metrics"}, {"utils", "maths", "networks", "model object"}),
     "training callbacks": ({"callbacks"}, {"utils", "maths", "networks", "model object", "evaluation"}),
+    # the one config mechanism: configs/, the resolvers (${first_stage:PATH}, ...), hydra_main, compose_config
     "config": ({"config"}, {"utils", "model object", "data"}),
     "command-line programs": ({"train", "sample", "data.prepare", "metrics.__main__", "posthoc_ema"},
                               {"utils", "maths", "networks", "model object", "lightning modules", "data",
