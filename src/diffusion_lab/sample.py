@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from diffusion_lab.builders import load_model
+from diffusion_lab.config import CONFIG_DIR
 from diffusion_lab.diffusion.consistency import Consistency
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import check_scoring, needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.utils.checkpoint import load_checkpoint
-from diffusion_lab.utils.cli import CONFIG_DIR
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path, check_writable_folder
 from diffusion_lab.utils.launch import launch
