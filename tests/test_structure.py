@@ -7,7 +7,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "diffusion_lab"
 
@@ -154,11 +153,6 @@ def test_samplers_import_neither_a_process_nor_lightning():
 
 
 MAX_LINES = {"file": 300, "class": 150, "function": 60}
-# Offenders being split by the helper that owns them (issue 25), each held by the strict xfail below: remove an
-# entry with its split (the xfail then passes and fails the run until it is removed).
-PENDING_SPLITS: dict[tuple[str, str, str], str] = {
-    ("sample.py", "function", "sample"): "the trust-sample helper owns sample.py",
-}
 
 
 def oversized() -> dict[tuple[str, str, str], int]:
@@ -178,13 +172,6 @@ def oversized() -> dict[tuple[str, str, str], int]:
 
 
 def test_no_file_class_or_function_is_too_long():
-    over = {key: lines for key, lines in oversized().items() if key not in PENDING_SPLITS}
+    over = oversized()
     assert not over, "over " + str(MAX_LINES) + ": " + ", ".join(f"{f} {k} {n} ({lines} lines)" for (f, k, n), lines
                                                                  in over.items())
-
-
-@pytest.mark.skipif(not PENDING_SPLITS, reason="no split pending")
-@pytest.mark.xfail(strict=True, reason="splits in flight: " + "; ".join(f"{f} {n}: {owner}" for (f, _, n), owner
-                                                                     in PENDING_SPLITS.items()))
-def test_the_pending_splits_are_done():
-    assert not set(PENDING_SPLITS) & set(oversized())

@@ -6,7 +6,7 @@ keeps the arguments that drew it (run.json): the same arguments find it done, ot
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -132,50 +132,66 @@ def check_sampler(sampler: Any, model: DiffusionModel) -> None:
     sampler.check(*model.sampling_grid(sampler))
 
 
-def sample(cfg: DictConfig) -> dict[str, Path]:
-    """Writes the sample files into cfg.output_dir; returns their paths (on global rank 0; other ranks: {})."""
+def load_for_sampling(cfg: DictConfig) -> tuple[dict, Fabric, DiffusionModel, Any]:
+    """The checkpoint, the devices, the model and the sampler, each checked before anything is drawn."""
     check_options(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    config = checkpoint["config"]
-    missing = [key for key in MODEL_KEYS if key not in config]
+    missing = [key for key in MODEL_KEYS if key not in checkpoint["config"]]
     if missing:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: its saved config has no {', '.join(missing)}, so it does not "
                           "describe a diffusion model (train.py writes one that does)")
     fabric = launch(cfg)
-    device = fabric.device
-    model = load_model(checkpoint, cfg.weights, device)
-    sampler = instantiate(sampler_config(config, cfg.sampler))
+    model = load_model(checkpoint, cfg.weights, fabric.device)
+    sampler = instantiate(sampler_config(checkpoint["config"], cfg.sampler))
     check_sampler(sampler, model)
     if "forward" in cfg.figures and model.latent:
         raise ConfigError("figures=[forward] draws the process on images; this model diffuses latents")
-    data = config["data"]
-    labels = class_labels(cfg, data)
+    return checkpoint, fabric, model, sampler
 
+
+def checked_on_rank_zero(fabric: Fabric, check: Callable[[], Any], default: Any) -> Any:
+    """check() run on global rank 0 and its result broadcast to every rank; its ConfigError raised on every rank."""
+    try:
+        found = (check(), None) if fabric.global_rank == 0 else None
+    except ConfigError as error:
+        found = (default, str(error))
+    result, problem = fabric.broadcast(found, src=0)
+    if problem:
+        raise ConfigError(problem)
+    return result
+
+
+def forward_figure(cfg: DictConfig, model: DiffusionModel, data: dict, path: Path) -> Path:
+    """forward.png: four test images at the data, then at 5 noise levels of the process."""
+    images, _ = instantiate(data).load_split(train=False)
+    alphas, sigmas = model.process.sampling_grid(5, model.process.default_spacing)
+    forward_noising_figure(alphas.flip(0), sigmas.flip(0), images[:4].float() / 127.5 - 1, path, seed=cfg.seed)
+    return path
+
+
+def sample(cfg: DictConfig) -> dict[str, Path]:
+    """Writes the sample files into cfg.output_dir; returns their paths (on global rank 0; other ranks: {})."""
+    checkpoint, fabric, model, sampler = load_for_sampling(cfg)
+    data = checkpoint["config"]["data"]
+    labels = class_labels(cfg, data)
     options = cfg.get("metrics")  # metrics=[fid,kid,prec_recall,nll]: see diffusion_lab.metrics.evaluate
     if options and "nll" in options:
         check_bound(model)  # before any sampling
     if options:
         check_scoring(options, data, cfg.num_samples)  # extractor, weights and metric choices, before any sampling
+    output_dir = Path(cfg.output_dir)
     if options and not needs_samples(options):  # metrics=[nll]: the bound needs no sampling
         if fabric.global_rank:
             return {}
-        return {"metrics": write_scores(options, Path(cfg.output_dir), model, None, data,
-                                        sampler, cfg.seed, device, cfg.ckpt_path)}
+        return {"metrics": write_scores(options, output_dir, model, None, data, sampler, cfg.seed, fabric.device,
+                                        cfg.ckpt_path)}
 
-    output_dir = Path(cfg.output_dir)
     paths = {"samples": output_dir / "samples.npz", "grid": output_dir / "grid.png", "trajectory": output_dir / "trajectory.gif"}
     record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "global_step": checkpoint.get("global_step"),
               "weights": cfg.weights, "sampler": str(sampler), "seed": cfg.seed, "class_labels": labels,
               "guidance_scale": cfg.guidance_scale, "clip_denoised": cfg.clip_denoised, "chunk_size": cfg.chunk_size}
     whole = {**record, **{key: cfg[key] for key in ("num_samples", "grid_size", "trajectory_samples")}}
-    try:
-        found = (finished(output_dir, whole), None) if fabric.global_rank == 0 else None
-    except ConfigError as error:
-        found = (False, str(error))
-    done, problem = fabric.broadcast(found, src=0)
-    if problem:
-        raise ConfigError(problem)
-    if done:
+    if checked_on_rank_zero(fabric, lambda: finished(output_dir, whole), False):
         if fabric.global_rank:
             return {}
         print(f"{output_dir} already holds these samples (the same arguments): not drawn again")
@@ -191,14 +207,9 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         save_grid(samples[: cfg.grid_size], paths["grid"])
         shutil.rmtree(output_dir / "chunks")
     if "forward" in cfg.figures:
-        paths["forward"] = output_dir / "forward.png"
-        datamodule = instantiate(data)
-        images, _ = datamodule.load_split(train=False)
-        alphas, sigmas = model.process.sampling_grid(5, model.process.default_spacing)  # data, then 5 levels to noise
-        forward_noising_figure(alphas.flip(0), sigmas.flip(0), images[:4].float() / 127.5 - 1, paths["forward"],
-                               seed=cfg.seed)
+        paths["forward"] = forward_figure(cfg, model, data, output_dir / "forward.png")
     if options:
-        paths["metrics"] = write_scores(options, output_dir, model, samples, data, sampler, cfg.seed, device,
+        paths["metrics"] = write_scores(options, output_dir, model, samples, data, sampler, cfg.seed, fabric.device,
                                         cfg.ckpt_path)
     return paths
 
@@ -212,14 +223,8 @@ def draw(cfg: DictConfig, fabric: Fabric, model: DiffusionModel, sampler: Any, l
     if labels is not None:
         kwargs["guidance_scale"] = cfg.guidance_scale
     chunk_dir = output_dir / "chunks"
-    try:
-        found = (chunks_done(chunk_dir, record, cfg.num_samples, cfg.chunk_size), None) \
-            if fabric.global_rank == 0 else None
-    except ConfigError as error:
-        found = (set(), str(error))
-    done, problem = fabric.broadcast(found, src=0)
-    if problem:
-        raise ConfigError(problem)
+    done = checked_on_rank_zero(
+        fabric, lambda: chunks_done(chunk_dir, record, cfg.num_samples, cfg.chunk_size), default=set())
     starts = range(0, cfg.num_samples, cfg.chunk_size)
     with Progress(disable=fabric.global_rank != 0) as progress:
         task = progress.add_task(f"sampling {cfg.num_samples} with {sampler} on {fabric.world_size} process(es)",
