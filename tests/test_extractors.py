@@ -290,7 +290,7 @@ def test_sample_py_and_the_metrics_command_score_fd_dinov2(dinov2_weights, tmp_p
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["metrics=[fid,is]", "metrics.extractor=dinov2"], "metrics=is needs the Inception logits_unbiased"),
+    (["metrics=[fid,is]", "metrics.is.splits=2", "metrics.extractor=dinov2"], "metrics=is needs the Inception logits_unbiased"),
     (["metrics=[fid]", "metrics.extractor=dinov2", "metrics.weights_path=absent.pth"], "weights_path=absent.pth is not a file"),
     (["metrics=[fid]", "metrics.extractor=classifier"], "train one with `python train.py experiment=feature_classifier data=folder`"),
 ])
