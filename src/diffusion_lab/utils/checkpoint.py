@@ -20,7 +20,7 @@ WEIGHTS = ("ema", "raw")
 RUN_DEFINING_KEYS = ("model", "process", "schedule", "data", "module", "optimizer", "lr_scheduler", "seed", "first_stage",
                      "first_stage_ckpt", "teacher_ckpt", "vae_path", "trainer.accumulate_grad_batches")
 FREE_KEYS = ("model.gradient_checkpointing", "data.num_workers", "data.pin_memory", "data.in_memory_limit_mb",
-             "data.cache_dir")
+             "data.cache_dir", "module.pairs_dir", "module.checkpoint_dir")  # the last two: folders under paths.output_dir
 FORMAT_VERSION = 2  # of what this project writes into checkpoints; raise it when a reader must change
 # 2: the diffusion LightningModule holds one model object: weights under model.net. and model.first_stage.
 
