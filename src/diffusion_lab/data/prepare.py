@@ -235,8 +235,9 @@ def prepare(cfg: DictConfig) -> dict:
     check_writable_folder(out, "out")
     settings, jobs = plan(cfg.data)
     num_workers = len(os.sched_getaffinity(0)) if cfg.num_workers is None else cfg.num_workers
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ConfigError(f"num_workers={num_workers} must be an integer >= 1, or null (one per CPU core)")
+    least = 0 if cfg.first_stage else 1  # encoding: DataLoader workers (0: the main process); images: litdata's writers
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < least:
+        raise ConfigError(f"num_workers={num_workers} must be an integer >= {least}, or null (one per CPU core)")
     fabric = None
     if cfg.first_stage:  # every rank (one per device) runs what follows; only rank 0 writes prepared.json
         fabric = launch(cfg)
