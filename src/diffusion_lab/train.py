@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from diffusion_lab.builders import build_model, build_net, to_memory_format
+from diffusion_lab.metrics.encoders import load_patch_encoder
 from diffusion_lab.models.diffusion_module import DiffusionModule
+from diffusion_lab.models.representation import RepresentationTerms
 from diffusion_lab.utils.checkpoint import AtomicCheckpointIO, check_same_run, flatten, load_checkpoint, saved_step
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.io import atomic_path, check_writable_folder
@@ -216,6 +218,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             return fit(cfg)
 
 
+def build_representation(cfg: DictConfig, net: nn.Module) -> RepresentationTerms | None:
+    """The representation terms of `cfg.representation` (REPA, the dispersive loss) on the backbone, REPA's encoder
+    loaded from its file; None without them or with both weights 0, so that such a run is one without them."""
+    options = cfg.get("representation")
+    if not options or not (options.get("repa_weight") or options.get("disp_weight")):
+        return None
+    source = options.get("encoder") or {}
+    encoder = load_patch_encoder(source.get("kind"), source.get("path")) if options.get("repa_weight") else None
+    return instantiate(options, _partial_=True)(net=net, encoder=encoder)
+
+
 def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Build everything from `cfg` and fit; a stopped run ends in one line saying which step last.ckpt holds."""
     L.seed_everything(cfg.seed, workers=True)
@@ -227,12 +240,14 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         check_sampler(model, instantiate(cfg.sampler))
     if cfg.compile:
         compile_net(model.net if diffusion else model)
+    representation = build_representation(cfg, model.net) if diffusion else None
     module = instantiate(cfg.module, _partial_=True)(
         model=model,
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        **({"representation": representation} if representation is not None else {}),
     )
     callbacks: list[Callback] = instantiate_group(cfg.get("callbacks"))
     loggers: list[Logger] = instantiate_group(cfg.get("logger"))

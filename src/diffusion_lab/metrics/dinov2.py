@@ -128,11 +128,16 @@ class DinoVisionTransformer(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
         return torch.cat([self.pos_embed[:, :1].float(), patch_pos], dim=1).to(self.pos_embed.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W), H and W multiples of the patch size, normalised -> (B, D)."""
+    def normed_tokens(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W), H and W multiples of the patch size, normalised -> (B, 1 + HW / p^2, D): the CLS token, then
+        the patch tokens row-major, after the final norm (dinov2's x_norm_clstoken and x_norm_patchtokens)."""
         tokens = self.patch_embed(x)
         tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1)
         tokens = tokens + self.position_embedding(x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)[:, 0]
+        return self.norm(tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W), H and W multiples of the patch size, normalised -> (B, D): the CLS token."""
+        return self.normed_tokens(x)[:, 0]

@@ -146,14 +146,7 @@ class ClassifierFeatures(nn.Module):
                 f"{', '.join(SHIPPED_CLASSIFIERS)} at 28x28); train one with `python train.py "
                 "experiment=feature_classifier data=<data set>` and pass its checkpoint"
             )
-        checkpoint = load_checkpoint(checkpoint_path, key="metrics.classifier_path")
-        if "feature_classifier" not in checkpoint:
-            raise ConfigError(f"metrics.classifier_path={checkpoint_path} is not a feature_classifier checkpoint")
-        record = checkpoint["feature_classifier"]
-        self.net = ClassifierNet(**record["net"])
-        self.net.load_state_dict(submodule_state(checkpoint["state_dict"], "net"))
-        self.net.eval().requires_grad_(False)
-        self.test_accuracy = record["test_accuracy"]
+        self.net, self.test_accuracy = load_classifier(checkpoint_path, "metrics.classifier_path")
         self.num_features = self.net.feature_dim
         self.outputs = {"features": self.num_features}
 
@@ -165,6 +158,19 @@ class ClassifierFeatures(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net.features(images.float() / 127.5 - 1)
+
+
+def load_classifier(checkpoint_path: str, key: str) -> tuple[ClassifierNet, float]:
+    """The frozen network of a feature_classifier checkpoint (a run's .ckpt or a shipped file) and its recorded test
+    accuracy; ConfigError naming `key` for a missing file or another kind of checkpoint."""
+    checkpoint = load_checkpoint(checkpoint_path, key=key)
+    if "feature_classifier" not in checkpoint:
+        raise ConfigError(f"{key}={checkpoint_path} is not a feature_classifier checkpoint (python train.py "
+                          "experiment=feature_classifier writes one)")
+    record = checkpoint["feature_classifier"]
+    net = ClassifierNet(**record["net"])
+    net.load_state_dict(submodule_state(checkpoint["state_dict"], "net"))
+    return net.eval().requires_grad_(False), record["test_accuracy"]
 
 
 def shipped_classifier(data_config: Mapping) -> str | None:

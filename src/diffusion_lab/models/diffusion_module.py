@@ -10,6 +10,7 @@ from torch.utils.data import TensorDataset
 
 from diffusion_lab.models.components.autoencoder_kl import DiagonalGaussian
 from diffusion_lab.models.diffusion_model import DiffusionModel
+from diffusion_lab.models.representation import RepresentationTerms
 from diffusion_lab.utils.checkpoint import upgrade_checkpoint
 from diffusion_lab.utils.errors import ConfigError, NonFiniteError
 from diffusion_lab.utils.lr_schedules import optimizers_and_schedulers
@@ -26,7 +27,12 @@ class DiffusionModule(LightningModule):
     `cache_latents` (latent diffusion): encode the training and validation images once at the start of fit (the
     posterior moments, so z is still sampled per step) and train from those; random flips then act on the latent
     moments, which the encoder's convolutions make a close but not exact stand-in for flipping the images.
-    `data=latent_shards` gives such moments from the start (encoded once by prepare): the encoder never runs."""
+    `data=latent_shards` gives such moments from the start (encoded once by prepare): the encoder never runs.
+    `representation` (models/representation.py): REPA and the dispersive loss on the backbone's hidden states, added
+    to the process's loss (`train/loss` stays the process's own; the terms log as `train/repa_loss`, `train/disp_loss`);
+    their projector trains and checkpoints with the backbone."""
+
+    batches_hold_training_images = True  # REPA's encoder reads the clean images of the batch
 
     def __init__(
         self,
@@ -36,10 +42,15 @@ class DiffusionModule(LightningModule):
         seed: int = 0,
         run_config: dict | None = None,
         cache_latents: bool = False,
+        representation: RepresentationTerms | None = None,
     ):
         super().__init__()
         if cache_latents and not model.latent:
             raise ConfigError("module.cache_latents=true caches the latents of a first stage; this model diffuses pixels")
+        if representation is not None and representation.needs_images and not self.batches_hold_training_images:
+            raise ConfigError(f"representation.repa_weight > 0 aligns with the batch's images, but {type(self).__name__} "
+                              "trains on other samples; use representation.disp_weight alone")
+        self.representation = representation
         self.model = model
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.seed, self.run_config, self.cache_latents = seed, run_config or {}, cache_latents
@@ -61,14 +72,32 @@ class DiffusionModule(LightningModule):
         # micro-batch k > 0 of an accumulated step (trainer.accumulate_grad_batches) draws from its own seed
         micro = batch_idx % self.trainer.accumulate_grad_batches
         purpose = (self.global_rank, self.global_step, micro) if micro else (self.global_rank, self.global_step)
+        if self.representation is not None:
+            self.representation.hidden_states.clear()
         losses, t = self._losses(batch, self._generator(*purpose, "train"))
         loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        if self.representation is not None:
+            loss = loss + self.representation_loss(batch[0])
         if self._first_nonfinite_step is None:
             self._first_nonfinite_step = torch.tensor(-1, device=loss.device)
         unseen = loss.isfinite() | (self._first_nonfinite_step >= 0)
         self._first_nonfinite_step = torch.where(unseen, self._first_nonfinite_step, self.global_step + 1)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
+
+    def representation_loss(self, images: Tensor) -> Tensor:
+        """The weighted representation terms of the training forward pass just run, each logged as train/<name>_loss."""
+        if self.batches_of_moments and self.representation.needs_images:
+            raise ConfigError("representation.repa_weight > 0 needs the batch's images, but it holds latents "
+                              "(module.cache_latents or data=latent_shards); drop one or use representation.disp_weight alone")
+        terms = self.representation(images)
+        for name, value in terms.items():
+            self.log(f"train/{name}_loss", value, sync_dist=True)
+        return self.representation.weighted(terms)
+
+    def on_after_backward(self) -> None:
+        if self.representation is not None:  # what gradient checkpointing's recomputation recorded
+            self.representation.hidden_states.clear()
 
     def on_train_batch_end(self, outputs: Tensor, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         if self.global_step % self.trainer.log_every_n_steps == 0:
@@ -91,7 +120,8 @@ class DiffusionModule(LightningModule):
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True, batch_size=len(losses))
 
     def configure_optimizers(self) -> dict:
-        return optimizers_and_schedulers(self.model.net.parameters(), self.optimizer_factory, self.lr_scheduler_factory)
+        params = [*self.model.net.parameters(), *(self.representation.parameters() if self.representation else [])]
+        return optimizers_and_schedulers(params, self.optimizer_factory, self.lr_scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite(checkpoint)

@@ -22,6 +22,8 @@ class ReflowModule(DiffusionModule):
     shards of `shard_size` from seeds of (seed, "reflow", shard). Each training batch draws its pairs at random from
     the cache; the data set sets only the epoch length and the batch size."""
 
+    batches_hold_training_images = False  # it trains on the teacher's samples
+
     def __init__(self, model, *args, teacher_ckpt: str | None = None, teacher_sampler: Sampler | None = None,
                  num_pairs: int = 50000, shard_size: int = 5000, pairs_dir: str = "reflow_pairs",
                  init_student: bool = True, **kwargs):

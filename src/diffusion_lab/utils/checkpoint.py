@@ -18,7 +18,7 @@ WEIGHTS = ("ema", "raw")
 # changes in resume.allow_changes. Everything else (trainer.max_steps, trainer hardware, logger, callbacks, paths,
 # sampler, compile) changes freely; so do the keys below that say how the run reads its data or runs its network.
 RUN_DEFINING_KEYS = ("model", "process", "schedule", "data", "module", "optimizer", "lr_scheduler", "seed", "first_stage",
-                     "first_stage_ckpt", "teacher_ckpt", "vae_path", "trainer.accumulate_grad_batches")
+                     "first_stage_ckpt", "teacher_ckpt", "vae_path", "trainer.accumulate_grad_batches", "representation")
 FREE_KEYS = ("model.gradient_checkpointing", "data.num_workers", "data.pin_memory", "data.in_memory_limit_mb",
              "data.cache_dir", "module.pairs_dir", "module.checkpoint_dir")  # the last two: folders under paths.output_dir
 FORMAT_VERSION = 2  # of what this project writes into checkpoints; raise it when a reader must change

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
+from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import (
     ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed,
 )
@@ -91,6 +92,7 @@ class DDPMUNet(nn.Module):
         check_downsampling("ddpm_unet", image_size, len(ch_mult) - 1)
         check_groups("ddpm_unet", "norm_groups", norm_groups, [ch * m for m in ch_mult])
         self.num_classes, self.gradient_checkpointing = num_classes, gradient_checkpointing
+        self.image_size = image_size
         emb_dim = ch * 4
         self.time_emb = nn.Sequential(
             SinusoidalEmbedding(ch), xavier(nn.Linear(ch, emb_dim)), nn.SiLU(), xavier(nn.Linear(emb_dim, emb_dim))
@@ -123,6 +125,17 @@ class DDPMUNet(nn.Module):
             nn.GroupNorm(norm_groups, now), nn.SiLU(),
             xavier(nn.Conv2d(now, out_channels or channels, 3, padding=1), gain=1e-5),
         )
+
+    def hidden_layers(self) -> list[HiddenLayer]:
+        """The ResBlocks of the down path, then the two middle ones, in order (`features.HiddenStates`), each at the
+        grid of its level (image_size halved by every strided conv before it)."""
+        layers, grid = [], self.image_size
+        for layer in self.down:
+            if isinstance(layer, ResBlock):
+                layers.append(HiddenLayer(layer, layer.block2[-1].out_channels, grid))
+            else:
+                grid //= 2
+        return layers + [HiddenLayer(block, block.block2[-1].out_channels, grid) for block in self.middle]
 
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         emb = self.time_emb(t)

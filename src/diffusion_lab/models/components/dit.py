@@ -3,6 +3,7 @@ p x p patches, each a token with a fixed 2-D sin-cos position embedding; adaLN-Z
 c = time embedding + class embedding; a final adaLN layer and a linear map back to patches. Zero-initialised
 modulation and output make every block the identity and the output 0 at initialisation."""
 
+import math
 from functools import partial
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, checkpointed
 from diffusion_lab.utils.errors import ConfigError
 
@@ -166,6 +168,11 @@ class DiT(nn.Module):
                       self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def hidden_layers(self) -> list[HiddenLayer]:
+        """The transformer blocks, in order (`features.HiddenStates`): width hidden_size, grid image_size / p."""
+        width, grid = self.x_embedder.out_channels, math.isqrt(len(self.pos_embed))
+        return [HiddenLayer(block, width, grid) for block in self.blocks]
 
     def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
         """x (B, C, H, W), t (B,) real noise levels -> (B, out_channels, H, W); x_self_cond is unused (self_condition

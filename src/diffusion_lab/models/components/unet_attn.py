@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusion_lab.models.components.cross_attention import CrossAttention
+from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import (
     ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed, labels_or_null,
 )
@@ -161,6 +162,7 @@ class UnetAttn(nn.Module):
         dims = [dim, *(dim * m for m in dim_mults)]
         check_groups("unet_attn", "resnet_block_groups", resnet_block_groups, dims)
         self.channels, self.self_condition, self.num_classes = channels, self_condition, num_classes
+        self.image_size = image_size
         self.out_channels, self.gradient_checkpointing = out_channels or channels, gradient_checkpointing
         emb_dim = dim * 4
         block = partial(ResnetBlock, emb_dim=emb_dim, groups=resnet_block_groups)
@@ -192,6 +194,15 @@ class UnetAttn(nn.Module):
         self.down_cross = nn.ModuleList([cross(d_in) for d_in, _ in in_out] if with_cross else [])
         self.mid_cross = cross(in_out[-1][1]) if with_cross else None
         self.up_cross = nn.ModuleList([cross(d_out) for _, d_out in reversed(in_out)] if with_cross else [])
+
+    def hidden_layers(self) -> list[HiddenLayer]:
+        """The two ResNet blocks of each down level, then the two middle ones, in order (`features.HiddenStates`):
+        level i has width dim * dim_mults[i - 1] (dim at level 0) and a grid of image_size / 2^i."""
+        layers = [HiddenLayer(block, block.block2.proj.out_channels, self.image_size // 2**level)
+                  for level, (block1, block2, _, _) in enumerate(self.downs) for block in (block1, block2)]
+        middle = self.image_size // 2 ** (len(self.downs) - 1)
+        width = self.mid_block1.block2.proj.out_channels
+        return layers + [HiddenLayer(block, width, middle) for block in (self.mid_block1, self.mid_block2)]
 
     def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         if self.self_condition:

@@ -3,6 +3,7 @@ conditional) and the p x p patches, with a learned position embedding; depth // 
 depth // 2 deep blocks, each deep block taking the output of its mirror shallow block through a long skip
 (Linear(concat(x, skip))); then LayerNorm, a linear map back to patches and a 3x3 conv."""
 
+import math
 from functools import partial
 
 import torch
@@ -10,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusion_lab.models.components.dit import SelfAttention, check_transformer, mlp
+from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, checkpointed
 from diffusion_lab.utils.errors import ConfigError
 
@@ -88,6 +90,13 @@ class UViT(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+    def hidden_layers(self) -> list[HiddenLayer]:
+        """The shallow, middle and deep blocks, in order (`features.HiddenStates`): width hidden_size, grid
+        image_size / p, after the time (and class) tokens."""
+        width, grid = self.patch_embed.out_channels, math.isqrt(self.pos_embed.shape[1] - self.extras)
+        return [HiddenLayer(block, width, grid, self.extras)
+                for block in [*self.in_blocks, self.mid_block, *self.out_blocks]]
 
     def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
         """x (B, C, H, W), t (B,) real noise levels -> (B, out_channels, H, W); x_self_cond is unused (self_condition
