@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.dpm2015 import DPM2015Diffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.components.dpm2015_net import DPM2015Net
@@ -188,7 +189,7 @@ def test_configuration_errors():
         make_process(1)
     process = make_process(5)
     with pytest.raises(ConfigError, match="guidance_scale"):
-        process.denoiser(FixedOutput(torch.zeros(1, 2, 4, 4)), guidance_scale=3.0)
+        process.denoiser(FixedOutput(torch.zeros(1, 2, 4, 4)), guidance=Guidance(3.0))
 
 
 def test_nll_metric_reports_the_processes_own_bound():

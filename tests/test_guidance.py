@@ -5,7 +5,7 @@ import pytest
 import torch
 from toy_models import TinyNet, run_sampler
 
-from diffusion_lab.diffusion.denoisers import ClassifierFreeGuidance
+from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser
 from diffusion_lab.diffusion.edm import EDM
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
@@ -43,7 +43,7 @@ def test_guided_eps_is_eps_u_plus_w_times_the_difference(objective, w):
     """eps_u + w (eps_c - eps_u) from one forward over 2B (w = 1: one forward over B)."""
     process, x_t, level, labels = setup(objective)
     net = Counting(channels=2, num_classes=NUM_CLASSES)
-    guided = process.denoiser(net, clip_denoised=False, guidance_scale=w, class_labels=labels)(x_t, *level)
+    guided = process.denoiser(net, clip_denoised=False, guidance=Guidance(w), class_labels=labels)(x_t, *level)
     assert [b for b, _ in net.calls] == [4 if w == 1 else 8]
     plain = process.denoiser(net, clip_denoised=False)
     eps_c = process.denoiser(net, clip_denoised=False, class_labels=labels)(x_t, *level).eps
@@ -56,7 +56,7 @@ def test_guided_eps_is_eps_u_plus_w_times_the_difference(objective, w):
 def test_guidance_keeps_the_conditional_learned_variance():
     process, x_t, level, labels = setup(loss_type="hybrid")
     net = TinyNet(channels=2, out_channels=4, num_classes=NUM_CLASSES)
-    guided = process.denoiser(net, guidance_scale=2.0, class_labels=labels)(x_t, *level)
+    guided = process.denoiser(net, guidance=Guidance(2.0), class_labels=labels)(x_t, *level)
     conditional = process.denoiser(net, class_labels=labels)(x_t, *level)
     assert torch.allclose(guided.variance_interp, conditional.variance_interp)
 
@@ -64,14 +64,14 @@ def test_guidance_keeps_the_conditional_learned_variance():
 def test_guidance_without_labels_is_a_config_error():
     process, _, _, _ = setup()
     with pytest.raises(ConfigError, match="class_labels"):
-        process.denoiser(TinyNet(channels=2), guidance_scale=3.0)
+        process.denoiser(TinyNet(channels=2), guidance=Guidance(3.0))
 
 
 def test_guided_sampling_runs_every_sampler():
     process, x_t, _, labels = setup()
     model = DiffusionModel(TinyNet(channels=2, num_classes=NUM_CLASSES), process, (2, 4, 4), num_classes=NUM_CLASSES)
     for algorithm in SAMPLERS:
-        x = model.sample(x_t, Sampler(algorithm, 4), guidance_scale=2.0, class_labels=labels,
+        x = model.sample(x_t, Sampler(algorithm, 4), guidance=Guidance(2.0), class_labels=labels,
                          generator=torch.Generator().manual_seed(0))
         assert x.shape == x_t.shape and x.abs().max() <= 1
 
@@ -83,7 +83,7 @@ def test_self_conditioning_feeds_the_previous_x0(algorithm, w):
     process, x_t, _, labels = setup()
     net = Counting(channels=2, num_classes=NUM_CLASSES, self_condition=True)
     seen = []
-    denoiser = process.denoiser(net, guidance_scale=w, class_labels=labels)
+    denoiser = process.denoiser(net, guidance=Guidance(w), class_labels=labels)
 
     def recording(x, alpha, sigma):
         out = denoiser(x, alpha, sigma)
@@ -159,11 +159,11 @@ class LabelShift(torch.nn.Module):
 
 @pytest.mark.parametrize("w", [0.0, 1.0, 2.5])
 def test_guidance_wrapper_is_out_u_plus_w_times_the_difference(w):
-    """`ClassifierFreeGuidance` on a toy denoiser: out_u + w (out_c - out_u) for x_0 and eps with the null class for
+    """`GuidedDenoiser` (classifier-free) on a toy denoiser: out_u + w (out_c - out_u) for x_0 and eps with the null class for
     out_u, from one call over the batch twice (w = 1: the conditional call alone); the variance is the conditional's."""
     inner, labels = LabelShift(), torch.tensor([0, 1, 2])
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
-    out = ClassifierFreeGuidance(inner, labels, w, null_class=7)(x, torch.ones(1), torch.ones(1))
+    out = GuidedDenoiser(inner, Guidance(w), labels, null_class=7)(x, torch.ones(1), torch.ones(1))
     shift_c, shift_u = labels.double().reshape(-1, 1, 1, 1), 7.0
     torch.testing.assert_close(out.x0, (x + shift_u) + w * (shift_c - shift_u))
     torch.testing.assert_close(out.eps, (x - shift_u) + w * (shift_u - shift_c))

@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion
 from diffusion_lab.diffusion.schedules import beta_schedule
 from diffusion_lab.models.autoencoder_module import AutoencoderModule
@@ -152,7 +153,7 @@ def test_guidance_scale_zero_is_the_unconditional_prediction():
     x_t, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
     level = process.sqrt_alphas_cumprod[7], process.sqrt_one_minus_alphas_cumprod[7]  # (alpha, sigma) at t = 7
     with torch.no_grad():
-        guided = process.denoiser(net, clip_denoised=False, guidance_scale=0.0, class_labels=labels)(x_t, *level)
+        guided = process.denoiser(net, clip_denoised=False, guidance=Guidance(0.0), class_labels=labels)(x_t, *level)
         unconditional = process.denoiser(net, clip_denoised=False, class_labels=torch.full((3,), 3))(x_t, *level)
         conditional = process.denoiser(net, clip_denoised=False, class_labels=labels)(x_t, *level)
     torch.testing.assert_close(guided.eps, unconditional.eps, atol=1e-5, rtol=1e-5)

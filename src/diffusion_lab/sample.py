@@ -4,6 +4,7 @@ under output_dir/chunks/ so that a restart with the same arguments continues whe
 keeps the arguments that drew it (run.json): the same arguments find it done, other ones are refused in one line."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from rich.progress import Progress
 from diffusion_lab.builders import load_model
 from diffusion_lab.config import CONFIG_DIR
 from diffusion_lab.diffusion.consistency import Consistency
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import check_scoring, needs_samples, write_scores
 from diffusion_lab.metrics.nll import check_bound
@@ -116,9 +118,10 @@ def class_labels(cfg: DictConfig, data: dict) -> list[int] | None:
     """The labels cycled over the samples: class_labels, or every class of a class-conditional model."""
     conditional = data.get("conditional", False)
     labels = list(cfg.class_labels) if cfg.class_labels is not None else None
-    if labels is not None or cfg.guidance_scale != 1.0:
+    if labels is not None or (cfg.guidance_scale != 1.0 and cfg.guide_ckpt is None):
         if not conditional:
-            raise ConfigError("class_labels and guidance_scale need a class-conditional checkpoint (data.conditional=true)")
+            raise ConfigError("class_labels and classifier-free guidance need a class-conditional checkpoint "
+                              "(data.conditional=true); guide_ckpt=PATH guides an unconditional one (autoguidance)")
         if labels is not None and any(not 0 <= label < data["num_classes"] for label in labels):
             raise ConfigError(f"class_labels={labels}: this model has {data['num_classes']} classes, labels must be in "
                               f"0..{data['num_classes'] - 1}")
@@ -132,8 +135,27 @@ def check_sampler(sampler: Any, model: DiffusionModel) -> None:
     sampler.check(*model.sampling_grid(sampler))
 
 
-def load_for_sampling(cfg: DictConfig) -> tuple[dict, Fabric, DiffusionModel, Any]:
-    """The checkpoint, the devices, the model and the sampler, each checked before anything is drawn."""
+def guidance_of(cfg: DictConfig, model: DiffusionModel, sampler: Any, device: torch.device) -> Guidance:
+    """guidance_scale over guidance_interval, by the model at the null class or by the guide_ckpt model, checked
+    against the sampler's grid; one line for a guide or an interval with nothing to guide (guidance_scale=1)."""
+    interval = (0.0, math.inf) if cfg.guidance_interval is None else tuple(cfg.guidance_interval)
+    if len(interval) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval):
+        raise ConfigError(f"guidance_interval={cfg.guidance_interval} must be [s_lo,s_hi], noise levels sigma/alpha")
+    if cfg.guidance_scale == 1 and (cfg.guide_ckpt is not None or cfg.guidance_interval is not None):
+        raise ConfigError("guide_ckpt and guidance_interval shape guidance, and guidance_scale=1 is none: give "
+                          "guidance_scale=W (W > 1 guides)")
+    if cfg.guide_ckpt is None:
+        guidance = Guidance(cfg.guidance_scale, interval)
+    else:
+        guide = load_model(load_checkpoint(cfg.guide_ckpt), cfg.weights, device)
+        guidance = model.autoguidance(guide, cfg.guidance_scale, interval)
+    guidance.check_grid(*model.sampling_grid(sampler))
+    return guidance
+
+
+def load_for_sampling(cfg: DictConfig) -> tuple[dict, Fabric, DiffusionModel, Any, Guidance]:
+    """The checkpoint, the devices, the model, the sampler and the guidance, each checked before anything is
+    drawn."""
     check_options(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     missing = [key for key in MODEL_KEYS if key not in checkpoint["config"]]
@@ -146,7 +168,7 @@ def load_for_sampling(cfg: DictConfig) -> tuple[dict, Fabric, DiffusionModel, An
     check_sampler(sampler, model)
     if "forward" in cfg.figures and model.latent:
         raise ConfigError("figures=[forward] draws the process on images; this model diffuses latents")
-    return checkpoint, fabric, model, sampler
+    return checkpoint, fabric, model, sampler, guidance_of(cfg, model, sampler, fabric.device)
 
 
 def checked_on_rank_zero(fabric: Fabric, check: Callable[[], Any], default: Any) -> Any:
@@ -171,7 +193,7 @@ def forward_figure(cfg: DictConfig, model: DiffusionModel, data: dict, path: Pat
 
 def sample(cfg: DictConfig) -> dict[str, Path]:
     """Writes the sample files into cfg.output_dir; returns their paths (on global rank 0; other ranks: {})."""
-    checkpoint, fabric, model, sampler = load_for_sampling(cfg)
+    checkpoint, fabric, model, sampler, guidance = load_for_sampling(cfg)
     data = checkpoint["config"]["data"]
     labels = class_labels(cfg, data)
     options = cfg.get("metrics")  # metrics=[fid,kid,prec_recall,nll]: see diffusion_lab.metrics.evaluate
@@ -189,7 +211,10 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     paths = {"samples": output_dir / "samples.npz", "grid": output_dir / "grid.png", "trajectory": output_dir / "trajectory.gif"}
     record = {"checkpoint": str(Path(cfg.ckpt_path).resolve()), "global_step": checkpoint.get("global_step"),
               "weights": cfg.weights, "sampler": str(sampler), "seed": cfg.seed, "class_labels": labels,
-              "guidance_scale": cfg.guidance_scale, "clip_denoised": cfg.clip_denoised, "chunk_size": cfg.chunk_size}
+              "guidance_scale": cfg.guidance_scale,
+              "guidance_interval": None if cfg.guidance_interval is None else list(cfg.guidance_interval),
+              "guide_ckpt": None if cfg.guide_ckpt is None else str(Path(cfg.guide_ckpt).resolve()),
+              "clip_denoised": cfg.clip_denoised, "chunk_size": cfg.chunk_size}
     whole = {**record, **{key: cfg[key] for key in ("num_samples", "grid_size", "trajectory_samples")}}
     if checked_on_rank_zero(fabric, lambda: finished(output_dir, whole), False):
         if fabric.global_rank:
@@ -197,7 +222,7 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
         print(f"{output_dir} already holds these samples (the same arguments): not drawn again")
         samples = np.load(paths["samples"])["arr_0"]
     else:
-        samples = draw(cfg, fabric, model, sampler, labels, record, image_shape=(data["image_size"], data["image_size"],
+        samples = draw(cfg, fabric, model, sampler, labels, guidance, record, image_shape=(data["image_size"], data["image_size"],
                                                                                  data["channels"]))
         if fabric.global_rank:
             return {}
@@ -214,14 +239,12 @@ def sample(cfg: DictConfig) -> dict[str, Path]:
     return paths
 
 
-def draw(cfg: DictConfig, fabric: Fabric, model: DiffusionModel, sampler: Any, labels: list[int] | None, record: dict,
-         image_shape: tuple[int, int, int]) -> np.ndarray | None:
+def draw(cfg: DictConfig, fabric: Fabric, model: DiffusionModel, sampler: Any, labels: list[int] | None,
+         guidance: Guidance, record: dict, image_shape: tuple[int, int, int]) -> np.ndarray | None:
     """The samples, drawn chunk by chunk into output_dir/chunks/ (going on from the chunks a stopped run of the same
     `record` left) over the ranks; on rank 0 all of them, on the others None."""
     output_dir, device = Path(cfg.output_dir), fabric.device
-    kwargs: dict[str, Any] = {"clip_denoised": cfg.clip_denoised}
-    if labels is not None:
-        kwargs["guidance_scale"] = cfg.guidance_scale
+    kwargs: dict[str, Any] = {"clip_denoised": cfg.clip_denoised, "guidance": guidance}
     chunk_dir = output_dir / "chunks"
     done = checked_on_rank_zero(
         fabric, lambda: chunks_done(chunk_dir, record, cfg.num_samples, cfg.chunk_size), default=set())

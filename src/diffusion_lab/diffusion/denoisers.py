@@ -4,15 +4,15 @@
 `ProcessDenoiser` maps x at any noise level (alpha, sigma) to its process's path point of the same SNR
 (`GaussianPath.locate`), feeds the network what the process says (`process.network_inputs`: the preconditioning) and
 reads x_0 and eps from its output (`process.read_output`). `build_denoiser` stacks, outermost first: `ClipX0`,
-`SelfConditioning`, `ClassifierFreeGuidance`, then the `ProcessDenoiser`.
+`SelfConditioning`, `GuidedDenoiser` (diffusion.guidance), then the `ProcessDenoiser`.
 """
 
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser
 from diffusion_lab.diffusion.paths import broadcast, eps_from_x0
 from diffusion_lab.samplers.denoiser import DenoiserOutput
-from diffusion_lab.utils.errors import ConfigError
 
 
 class ProcessDenoiser(nn.Module):
@@ -38,33 +38,6 @@ class ProcessDenoiser(nn.Module):
                   for key, value in net_kwargs.items()}
         output = self.net(x_in.to(dtype), t_in.to(dtype), **kwargs).to(x.dtype)
         return self.process.read_output(x_path, t, output)
-
-
-class ClassifierFreeGuidance(nn.Module):
-    """The conditional denoiser for class_labels, guided: D_u + w (D_c - D_u) for x_0 and eps, D_u at the null class
-    `null_class` (Ho & Salimans 2022, Eq. 6), from one forward over the batch twice (w = 1: the conditional denoiser,
-    one forward; w = 0: the unconditional). x = alpha x_0 + sigma eps holds for the guided pair as for each half; a
-    learned variance comes from the conditional half."""
-
-    def __init__(self, denoiser: nn.Module, class_labels: Tensor, guidance_scale: float, null_class: int):
-        super().__init__()
-        self.denoiser, self.class_labels, self.guidance_scale, self.null_class = (
-            denoiser, class_labels, guidance_scale, null_class)
-
-    def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor, **net_kwargs) -> DenoiserOutput:
-        if self.guidance_scale == 1:
-            return self.denoiser(x, alpha, sigma, class_labels=self.class_labels, **net_kwargs)
-
-        def twice(value):
-            return torch.cat([value, value]) if isinstance(value, Tensor) and value.numel() > 1 else value
-
-        labels = torch.cat([self.class_labels, torch.full_like(self.class_labels, self.null_class)])
-        kwargs = {key: twice(value) for key, value in net_kwargs.items()}
-        both = self.denoiser(twice(x), twice(alpha.reshape(-1)), twice(sigma.reshape(-1)), class_labels=labels, **kwargs)
-        (x0_c, x0_u), (eps_c, eps_u) = both.x0.chunk(2), both.eps.chunk(2)
-        w = self.guidance_scale
-        variance = None if both.variance_interp is None else both.variance_interp.chunk(2)[0]
-        return DenoiserOutput(x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u), variance)
 
 
 def self_condition_input(x0: Tensor, clip_x0: bool) -> Tensor:
@@ -105,18 +78,20 @@ class ClipX0(nn.Module):
         return out._replace(x0=x0, eps=eps_from_x0(x, broadcast(alpha, x), broadcast(sigma, x), x0))
 
 
-def build_denoiser(net: nn.Module, process: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
-                   class_labels: Tensor | None = None, clip_x0: bool | None = None) -> nn.Module:
-    """The denoiser of net under process for sampling: guided for class_labels (`ClassifierFreeGuidance`; the null
-    class is `net.num_classes`), self-conditioned for a net with `self_condition`, x_0 clipped when clip_denoised.
-    clip_x0: whether the model's x_0 lies in [-1, 1] (None: `process.clip_x0`), the default of clip_denoised and
-    the rule of self-conditioning's input."""
-    if guidance_scale != 1 and class_labels is None:
-        raise ConfigError(f"guidance_scale={guidance_scale} needs class_labels (a class-conditional model)")
+def build_denoiser(net: nn.Module, process: nn.Module, clip_denoised: bool | None = None,
+                   guidance: Guidance | None = None, class_labels: Tensor | None = None,
+                   clip_x0: bool | None = None) -> nn.Module:
+    """The denoiser of net under process for sampling: labelled and guided (`GuidedDenoiser`: classifier-free with
+    the null class `net.num_classes`, or autoguided by `guidance.guide_net`, over `guidance.interval`),
+    self-conditioned for a net with `self_condition`, x_0 clipped when clip_denoised. clip_x0: whether the model's x_0
+    lies in [-1, 1] (None: `process.clip_x0`), the default of clip_denoised and the rule of self-conditioning's
+    input."""
+    guidance = Guidance() if guidance is None else guidance
     clip_x0 = process.clip_x0 if clip_x0 is None else clip_x0
     denoiser = ProcessDenoiser(net, process)
-    if class_labels is not None:
-        denoiser = ClassifierFreeGuidance(denoiser, class_labels, guidance_scale, net.num_classes)
+    if class_labels is not None or guidance.active:
+        guide = None if guidance.guide_net is None else ProcessDenoiser(guidance.guide_net, process)
+        denoiser = GuidedDenoiser(denoiser, guidance, class_labels, guide, getattr(net, "num_classes", None))
     if getattr(net, "self_condition", False):
         denoiser = SelfConditioning(denoiser, clip_x0)
     if clip_x0 if clip_denoised is None else clip_denoised:

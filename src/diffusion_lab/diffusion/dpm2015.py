@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.diffusion.gaussian import GaussianDiffusion, extract
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.likelihood import normal_kl
 from diffusion_lab.diffusion.paths import eps_from_x0
 from diffusion_lab.samplers.denoiser import DenoiserOutput
@@ -128,9 +129,9 @@ class DPM2015Diffusion(GaussianDiffusion):
         v = torch.where(first, torch.ones_like(x), (log_variance - log_beta_tilde) / (log_beta - log_beta_tilde))
         return DenoiserOutput(x0, eps_from_x0(x, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x0), v)
 
-    def denoiser(self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+    def denoiser(self, net: nn.Module, clip_denoised: bool | None = None, guidance: Guidance | None = None,
                  class_labels: Tensor | None = None, clip_x0: bool | None = None) -> nn.Module:
-        """`Process.denoiser`, without classifier-free guidance (the bound is trained on the labels as given)."""
-        if guidance_scale != 1:
-            raise ConfigError(f"guidance_scale={guidance_scale}: process=dpm2015 has no classifier-free guidance; use 1")
-        return super().denoiser(net, clip_denoised, 1.0, class_labels, clip_x0)
+        """`Process.denoiser`, without guidance (the bound is trained on the labels as given)."""
+        if guidance is not None and guidance.active:
+            raise ConfigError(f"guidance_scale={guidance.scale}: process=dpm2015 has no guidance; use 1")
+        return super().denoiser(net, clip_denoised, None, class_labels, clip_x0)

@@ -7,7 +7,7 @@ distribution over the path and the loss weighting, how the network is read, and 
   call the process's denoiser module over net (`diffusion.denoisers`);
 - `network_inputs(x_path, t) -> (x_in, t_in)` and `read_output(x_path, t, output) -> DenoiserOutput`: what the
   network sees at the path point x_path of time t (its preconditioning) and what its output means;
-- `denoiser(net, clip_denoised, guidance_scale, class_labels, clip_x0)`, the denoiser module for sampling;
+- `denoiser(net, clip_denoised, guidance, class_labels, clip_x0)`, the denoiser module for sampling;
 - `sampling_grid(steps, spacing) -> (alphas, sigmas)` (steps + 1,) from noise to the data (alpha = 1, sigma = 0);
 - `output_channels(channels)`, `clip_x0`, `default_spacing` and `name` (for messages).
 The samplers (diffusion_lab.samplers) are functions of the denoiser and the grid alone.
@@ -16,6 +16,7 @@ The samplers (diffusion_lab.samplers) are functions of the denoiser and the grid
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.denoisers import ProcessDenoiser, build_denoiser, self_condition_input
 from diffusion_lab.utils.errors import ConfigError
 
@@ -42,10 +43,10 @@ class Process(nn.Module):
         """net read under this process, without guidance, self-conditioning or clipping: what the losses call."""
         return ProcessDenoiser(net, self)
 
-    def denoiser(self, net: nn.Module, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+    def denoiser(self, net: nn.Module, clip_denoised: bool | None = None, guidance: Guidance | None = None,
                  class_labels: Tensor | None = None, clip_x0: bool | None = None) -> nn.Module:
         """The denoiser module (x, alpha, sigma) -> DenoiserOutput of net under this process (`build_denoiser`)."""
-        return build_denoiser(net, self, clip_denoised, guidance_scale, class_labels, clip_x0)
+        return build_denoiser(net, self, clip_denoised, guidance, class_labels, clip_x0)
 
     def drop_labels(self, class_labels: Tensor, generator: torch.Generator, null_class: int) -> Tensor:
         """Each label replaced by the null class with probability cond_drop_prob (Ho & Salimans 2022)."""

@@ -7,11 +7,13 @@ diffusion (Rombach et al. 2022) a frozen autoencoder, so `encode` maps images to
 """
 
 import copy
+import math
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.paths import vp_norm
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.errors import ConfigError
@@ -110,15 +112,27 @@ class DiffusionModel(nn.Module):
         return self.process.training_losses(self.net, x0, generator, class_labels if self.conditional else None,
                                             clip_x0=self.clip_x0, **options)
 
-    def denoiser(self, clip_denoised: bool | None = None, guidance_scale: float = 1.0,
+    def denoiser(self, clip_denoised: bool | None = None, guidance: Guidance | None = None,
                  class_labels: Tensor | None = None, net: nn.Module | None = None) -> nn.Module:
         """The process's denoiser module (x, alpha, sigma) -> DenoiserOutput over the backbone, or over `net`, another
-        network of its shape (a distillation stage's teacher) (`build_denoiser`): guided for class_labels,
-        self-conditioned for a self-conditioned backbone, x_0 clipped when clip_denoised (None: `clip_x0`)."""
-        if (class_labels is not None or guidance_scale != 1) and not self.conditional:
-            raise ConfigError("class_labels and guidance_scale need a class-conditional model (data.conditional=true)")
-        return self.process.denoiser(self.net if net is None else net, clip_denoised, guidance_scale, class_labels,
+        network of its shape (a distillation stage's teacher) (`build_denoiser`): labelled and guided as `guidance`
+        says, self-conditioned for a self-conditioned backbone, x_0 clipped when clip_denoised (None: `clip_x0`)."""
+        classifier_free = guidance is not None and guidance.active and not guidance.autoguided
+        if (class_labels is not None or classifier_free) and not self.conditional:
+            raise ConfigError("class_labels and classifier-free guidance need a class-conditional model "
+                              "(data.conditional=true); an unconditional one is guided by a guide network (guide_ckpt)")
+        return self.process.denoiser(self.net if net is None else net, clip_denoised, guidance, class_labels,
                                      clip_x0=self.clip_x0)
+
+    def autoguidance(self, guide: "DiffusionModel", scale: float, interval: tuple[float, float] = (0.0, math.inf)
+                     ) -> Guidance:
+        """Guidance of this model by `guide`, a weaker model of the same task (Karras et al. 2024): ConfigError
+        (one line) unless it has this model's process, noise levels, sample shape, classes and first stage."""
+        mine, theirs = guide_signature(self), guide_signature(guide)
+        different = "; ".join(f"{key} ({theirs[key]} there, {mine[key]} here)" for key in mine if mine[key] != theirs[key])
+        if different:
+            raise ConfigError(f"the guide differs from the model in {different}: autoguidance needs the same task")
+        return Guidance(scale, interval, guide.net)
 
     def grid(self, steps: int, spacing: str) -> tuple[Tensor, Tensor]:
         """(alphas, sigmas) (steps + 1,) of `steps` noise levels with this spacing on the process, then the data."""
@@ -136,7 +150,7 @@ class DiffusionModel(nn.Module):
         callback: Callable | None = None,
         generator: torch.Generator | None = None,
         clip_denoised: bool | None = None,
-        guidance_scale: float = 1.0,
+        guidance: Guidance | None = None,
         class_labels: Tensor | None = None,
         noise_sampler: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
@@ -148,8 +162,18 @@ class DiffusionModel(nn.Module):
         `generator`)."""
         clip = self.clip_x0 if clip_denoised is None or self.latent else clip_denoised
         alphas, sigmas = self.sampling_grid(sampler)
-        denoiser = self.denoiser(clip, guidance_scale, class_labels)
+        if guidance is not None:
+            guidance.check_grid(alphas, sigmas)
+        denoiser = self.denoiser(clip, guidance, class_labels)
         x_T = noise.to(torch.float64) * vp_norm(alphas[0], sigmas[0]).to(noise.device)
         x0 = sampler(denoiser, x_T, alphas, sigmas, callback=callback, generator=generator,
                      noise_sampler=noise_sampler).float()
         return x0.clamp(-1, 1) if clip else x0
+
+
+def guide_signature(model: DiffusionModel) -> dict:
+    """What an autoguidance guide must share with the model it guides."""
+    alphas, sigmas = model.grid(8, model.process.default_spacing)
+    return {"process": model.describe(), "noise levels": [float(f"{s / a:.4g}") for a, s in zip(alphas[:-1], sigmas[:-1])],
+            "sample shape": model.sample_shape, "classes": model.num_classes, "latent": model.latent,
+            "self-conditioning": getattr(model.net, "self_condition", False)}
