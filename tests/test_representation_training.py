@@ -1,6 +1,6 @@
 """REPA and the dispersive loss in `train(cfg)` (issue 28): both weights 0 is a run without them, bit for bit; with
-them the terms are logged, the projector is saved and a resumed run matches an uninterrupted one bit for bit, and
-sampling loads the checkpoint as any other."""
+them the terms are logged, the projector is saved, a resumed run matches an uninterrupted one bit for bit, sampling
+loads the checkpoint as any other, and two DDP ranks end with the same backbone and projector."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch
 from diffusion_lab.builders import load_model
 from test_representation import classifier_file
 from test_resume import assert_same_run, last_checkpoint, run
-from tiny_run import image_folder, tiny_overrides
+from tiny_run import image_folder, run_train, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,16 @@ def test_terms_train_log_checkpoint_resume_exactly_and_sample(images, encoder, b
 
     model = load_model(checkpoint, "ema", torch.device("cpu"))  # what sample.py loads: the projector is not the model's
     assert not any(name.startswith("representation") for name in model.state_dict())
+
+
+def test_terms_under_two_rank_ddp_leave_both_ranks_the_same_weights(images, encoder, tmp_path):
+    output_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
+    run_train(tiny_overrides(images, output_dir, 2) + both_terms(encoder) + [
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=false",
+        "+callbacks.probe._target_=tiny_run.RankProbe", f"+callbacks.probe.dirpath={probe_dir}",
+    ])
+    ranks = [torch.load(probe_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])
+    assert any(name.startswith("representation.projector.") for name in ranks[0]["weights"])
+    for name, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][name]), name
