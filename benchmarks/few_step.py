@@ -3,16 +3,18 @@ same batch, scored by Frechet distance (the project classifier's features, 5000 
 1, 2 and 4 network evaluations, against the teachers at 10, 20 and 50.
 
     python benchmarks/few_step.py --classifier CLF.ckpt [--teacher-steps 3000] [--student-steps 3000]
-        [--batch-size 128] [--num-samples 5000] [--teacher-nfe 10,20,50] [--students cd,pd,reflow,ct]
+        [--batch-size 128] [--num-samples 5000] [--teacher-nfe 10,20,50]
+        [--students cd,pd,reflow,ct,meanflow,shortcut]
         [--threads N]
         [--out benchmarks/out/few_step] [--runs-from EARLIER_OUT]
 
 Teachers: EDM (experiment=edm_fashion_mnist; sampled with sampler=edm) for consistency distillation (cd) and
 progressive distillation (pd), rectified flow (experiment=rectified_flow_fashion_mnist; sampler=heun) for reflow,
-whose teacher must be a flow; consistency training (ct, iCT) has none. Students: cd and ct sample with
-sampler=consistency; pd, in its teacher's EDM parameterisation, runs 6 stages of student-steps / 6 optimizer steps
-from a 64-step teacher (32, 16, 8, 4, 2, 1 steps) and each NFE samples the stage checkpoint of that many DDIM steps;
-reflow draws --reflow-pairs teacher pairs and samples with Euler. Every run is a `train.py` preset with EMA weights
+whose teacher must be a flow; consistency training (ct, iCT), MeanFlow and shortcut models (one-step flow maps
+trained from scratch, experiment=meanflow_fashion_mnist / shortcut_fashion_mnist) have none. Students: cd and ct
+sample with sampler=consistency, meanflow and shortcut with sampler=flow_map; pd, in its teacher's EDM
+parameterisation, runs 6 stages of student-steps / 6 optimizer steps from a 64-step teacher (32, 16, 8, 4, 2, 1
+steps) and each NFE samples the stage checkpoint of that many DDIM steps; reflow draws --reflow-pairs teacher pairs and samples with Euler. Every run is a `train.py` preset with EMA weights
 sampled; a rerun with the same --out continues each run (ckpt_path=auto) and keeps the scores of a model already
 scored at the same step count; --runs-from scores the finished runs of another --out instead of training. Writes
 `<out>/<name>/results.json` and `<out>/table.md`, whose rows give each model's training time (the teacher's not
@@ -45,6 +47,8 @@ STUDENTS = {  # name -> (preset, teacher or None)
     "pd": ("progressive_distillation_edm", "edm"),
     "reflow": ("reflow", "rectified_flow"),
     "ct": ("consistency_training", None),
+    "meanflow": ("meanflow_fashion_mnist", None),
+    "shortcut": ("shortcut_fashion_mnist", None),
 }
 PD_TEACHER_STEPS, PD_STAGES = 64, 6
 
@@ -117,6 +121,8 @@ def student(name: str, teacher_ckpt: Path | None, args, test_images: torch.Tenso
             rows.append(fd(checkpoints / f"stage{stage}_{nfe}steps.ckpt", Sampler("ddim", nfe, "trailing"), args, test_images))
         elif name == "reflow":
             rows.append(fd(checkpoints / "last.ckpt", Sampler("euler", nfe, "uniform"), args, test_images))
+        elif name in ("meanflow", "shortcut"):
+            rows.append(fd(checkpoints / "last.ckpt", Sampler("flow_map", nfe, "uniform"), args, test_images))
         else:
             rows.append(fd(checkpoints / "last.ckpt",
                            lambda model, n=nfe: Sampler("consistency", n, "karras", sigma_min=model.process.sigma_min),

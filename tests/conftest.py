@@ -37,7 +37,8 @@ needs_fashion_mnist = pytest.mark.skipif(
 def has_beta_schedule(overrides: list[str]) -> bool:
     """Whether the run composed from `overrides` keeps a DDPM beta schedule (flow-matching and EDM runs have none)."""
     chosen = [o.split("=", 1)[1] for o in overrides if o.startswith(("experiment=", "process=", "schedule="))]
-    return not any(name.startswith(("rectified_flow", "edm", "flow_matching", "null")) for name in chosen)
+    return not any(name.startswith(("rectified_flow", "edm", "flow_matching", "meanflow", "shortcut", "null"))
+                   for name in chosen)
 
 
 def compose_train(overrides: list[str], output_dir: Path):

@@ -59,14 +59,30 @@ def num_classes(cfg: Any) -> int | None:
     return data["num_classes"] if data.get("conditional", False) else None
 
 
+def second_time_option(cfg: Any, process: nn.Module | None) -> dict:
+    """{"second_time": True} for a process whose network takes a second time (the flow maps), checked against the
+    backbone: one that cannot take one, or `model.second_time=true` under a process that gives none, is a one-line
+    error."""
+    model, target = cfg["model"], cfg["model"].get("_target_", "?")
+    if process is None or not process.needs_second_time:
+        if model.get("second_time", False):
+            raise ConfigError(f"model.second_time=true, but process {getattr(process, 'name', None)} gives the network "
+                              "no second time; only the flow-map processes do (process=meanflow, process=shortcut)")
+        return {}
+    if "second_time" not in inspect.signature(get_class(target)).parameters:
+        raise ConfigError(f"process {process.name} needs a backbone that takes a second time (model=dit, uvit, "
+                          f"unet_attn or ddpm_unet); {target.rsplit('.', 1)[-1]} takes none")
+    return {"second_time": True}
+
+
 def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
     """The network of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs
-    (as many as it takes without one: the autoencoder and the feature classifier) and, for class-conditional data,
-    the number of classes."""
+    (as many as it takes without one: the autoencoder and the feature classifier), for class-conditional data the
+    number of classes, and a second time where the process needs one (`second_time_option`)."""
     channels, image_size, _ = backbone_shape(cfg)
     out_channels = process.output_channels(channels) if process is not None else channels
     return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
-                       num_classes=num_classes(cfg))
+                       num_classes=num_classes(cfg), **second_time_option(cfg, process))
 
 
 def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: torch.device) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from diffusion_lab.diffusion.guidance import Guidance, GuidedDenoiser
 from diffusion_lab.diffusion.paths import broadcast, eps_from_x0
-from diffusion_lab.samplers.denoiser import DenoiserOutput
+from diffusion_lab.samplers.denoiser import DenoiserOutput, SamplerError
 
 
 class ProcessDenoiser(nn.Module):
@@ -28,16 +28,24 @@ class ProcessDenoiser(nn.Module):
     def self_condition(self) -> bool:
         return getattr(self.net, "self_condition", False)
 
-    def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor, **net_kwargs) -> DenoiserOutput:
+    def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor, level_to: tuple[Tensor, Tensor] | None = None,
+                **net_kwargs) -> DenoiserOutput:
+        if level_to is not None:
+            raise SamplerError(f"sampler=flow_map steps along a learned flow map, which process {self.process.name} "
+                               "does not learn; use process=meanflow or process=shortcut, or another sampler")
         t, scale = self.process.path.locate(alpha, sigma)
         t = t.to(x.device).expand(x.shape[0])
         x_path = x / broadcast(scale.to(x.device), x)
         x_in, t_in = self.process.network_inputs(x_path, t)
-        dtype = next(self.net.parameters()).dtype
-        kwargs = {key: value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
-                  for key, value in net_kwargs.items()}
-        output = self.net(x_in.to(dtype), t_in.to(dtype), **kwargs).to(x.dtype)
-        return self.process.read_output(x_path, t, output)
+        return self.process.read_output(x_path, t, call_net(self.net, x_in, t_in, **net_kwargs))
+
+
+def call_net(net: nn.Module, x: Tensor, t: Tensor, **net_kwargs) -> Tensor:
+    """net(x, t, **net_kwargs) with x, t and the floating-point arguments in the net's dtype, the output in x's."""
+    dtype = next(net.parameters()).dtype
+    kwargs = {key: value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
+              for key, value in net_kwargs.items()}
+    return net(x.to(dtype), t.to(dtype), **kwargs).to(x.dtype)
 
 
 def self_condition_input(x0: Tensor, clip_x0: bool) -> Tensor:
@@ -88,9 +96,9 @@ def build_denoiser(net: nn.Module, process: nn.Module, clip_denoised: bool | Non
     input."""
     guidance = Guidance() if guidance is None else guidance
     clip_x0 = process.clip_x0 if clip_x0 is None else clip_x0
-    denoiser = ProcessDenoiser(net, process)
+    denoiser = process.core_denoiser(net)
     if class_labels is not None or guidance.active:
-        guide = None if guidance.guide_net is None else ProcessDenoiser(guidance.guide_net, process)
+        guide = None if guidance.guide_net is None else process.core_denoiser(guidance.guide_net)
         denoiser = GuidedDenoiser(denoiser, guidance, class_labels, guide, getattr(net, "num_classes", None))
     if getattr(net, "self_condition", False):
         denoiser = SelfConditioning(denoiser, clip_x0)

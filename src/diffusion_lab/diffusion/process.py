@@ -28,6 +28,7 @@ class Process(nn.Module):
 
     name = "process"
     clip_x0 = True
+    needs_second_time = False  # whether the network takes a second time (the flow maps: `diffusion.flow_map`)
 
     def __init__(self, cond_drop_prob: float = 0.1):
         super().__init__()

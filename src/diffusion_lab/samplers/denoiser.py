@@ -76,9 +76,9 @@ class CountedDenoiser(nn.Module):
         super().__init__()
         self.denoiser, self.evaluations = denoiser, 0
 
-    def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor) -> DenoiserOutput:
+    def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor, **options) -> DenoiserOutput:
         self.evaluations += 1
-        return self.denoiser(x, alpha, sigma)
+        return self.denoiser(x, alpha, sigma, **options)
 
 
 def reset_state(denoiser: Denoiser) -> None:

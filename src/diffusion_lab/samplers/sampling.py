@@ -5,6 +5,7 @@ signature (`samplers.denoiser` describes it):
 
 from diffusion_lab.samplers.ancestral import consistency, ddim, ddpm, euler_ancestral
 from diffusion_lab.samplers.denoiser import Denoiser, DenoiserOutput, SamplerError  # noqa: F401 (the interface)
+from diffusion_lab.samplers.flow_map import flow_map
 from diffusion_lab.samplers.multistep import dpm_solver_pp, unipc
 from diffusion_lab.samplers.ode import check_edm_grid, dopri5, edm, euler, heun
 
@@ -21,4 +22,5 @@ SAMPLERS = {
     "euler_ancestral": euler_ancestral,
     "dopri5": dopri5,
     "consistency": consistency,
+    "flow_map": flow_map,
 }

@@ -14,7 +14,7 @@ from torch.nn import init
 
 from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import (
-    ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed,
+    ClassEmbedding, SinusoidalEmbedding, add_second_time, check_downsampling, check_groups, checkpointed,
 )
 from diffusion_lab.utils.errors import ConfigError
 
@@ -61,11 +61,18 @@ class ResBlock(nn.Module):
         return self.attn(self.block2(h) + self.skip(x))
 
 
+def time_embedding(ch: int, emb_dim: int) -> nn.Sequential:
+    """Sinusoidal time features of width ch -> Linear -> Swish -> Linear to emb_dim (Xavier-initialised)."""
+    return nn.Sequential(SinusoidalEmbedding(ch), xavier(nn.Linear(ch, emb_dim)), nn.SiLU(), xavier(nn.Linear(emb_dim, emb_dim)))
+
+
 class DDPMUNet(nn.Module):
     """Widths ch * ch_mult; the resolution halves between levels (len(ch_mult) - 1 times); num_res_blocks
     ResBlocks per level going down and num_res_blocks + 1 going up; attention at the levels in attn_levels
     (level 1 is 16x16 for 32x32 inputs). `num_classes` adds a class embedding (index num_classes = "null") to
-    the time embedding. `gradient_checkpointing` recomputes each ResBlock in the backward pass while training."""
+    the time embedding. `gradient_checkpointing` recomputes each ResBlock in the backward pass while training.
+    `second_time` embeds a second time (a flow map's t - r or a shortcut's step size) as the first and adds it to the
+    time embedding (`add_second_time`; off: the parameters and state-dict keys are those without)."""
 
     def __init__(
         self,
@@ -80,6 +87,7 @@ class DDPMUNet(nn.Module):
         out_channels: int | None = None,
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
+        second_time: bool = False,
     ):
         super().__init__()
         if ch < 1 or not ch_mult or any(m < 1 for m in ch_mult) or num_res_blocks < 1:
@@ -94,9 +102,8 @@ class DDPMUNet(nn.Module):
         self.num_classes, self.gradient_checkpointing = num_classes, gradient_checkpointing
         self.image_size = image_size
         emb_dim = ch * 4
-        self.time_emb = nn.Sequential(
-            SinusoidalEmbedding(ch), xavier(nn.Linear(ch, emb_dim)), nn.SiLU(), xavier(nn.Linear(emb_dim, emb_dim))
-        )
+        self.time_emb = time_embedding(ch, emb_dim)
+        self.second_time_emb = time_embedding(ch, emb_dim) if second_time else None
         self.class_emb = ClassEmbedding(num_classes, emb_dim) if num_classes else None
         block = lambda d, d_out, level: ResBlock(d, d_out, emb_dim, dropout, norm_groups, level in attn_levels)  # noqa: E731
 
@@ -137,8 +144,9 @@ class DDPMUNet(nn.Module):
                 grid //= 2
         return layers + [HiddenLayer(block, block.block2[-1].out_channels, grid) for block in self.middle]
 
-    def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
-        emb = self.time_emb(t)
+    def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None,
+                second_time: Tensor | None = None) -> Tensor:
+        emb = add_second_time(self.time_emb(t), self.second_time_emb, second_time, "ddpm_unet")
         if self.class_emb is not None:
             emb = emb + self.class_emb(class_labels, x.shape[0])
         run = partial(checkpointed, self.gradient_checkpointing and self.training)

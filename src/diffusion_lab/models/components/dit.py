@@ -12,7 +12,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusion_lab.models.components.features import HiddenLayer
-from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, checkpointed
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, add_second_time, checkpointed
 from diffusion_lab.utils.errors import ConfigError
 
 # the paper's sizes (Table 1): depth, hidden size, heads
@@ -107,13 +107,20 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def time_embedder(hidden_size: int) -> nn.Sequential:
+    """DiT's TimestepEmbedder: sinusoidal features -> Linear -> SiLU -> Linear."""
+    return nn.Sequential(SinusoidalEmbedding(FREQUENCY_EMBEDDING_SIZE), nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size),
+                         nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+
 class DiT(nn.Module):
     """DiT-`size`/`patch_size` (sizes S, B, L, XL of the paper's Table 1); depth, hidden_size and num_heads, when
     given, replace the size's values. `num_classes` adds a class embedding with one extra null class (index
     num_classes) for classifier-free guidance; `gradient_checkpointing` recomputes each block in the backward pass
-    while training. Two departures from the reference, neither changing parameters or FLOPs: the time features are
-    the project's SinusoidalEmbedding (exponent i / (d/2 - 1), not i / (d/2)), and the fixed position embedding is a
-    buffer, not a frozen parameter."""
+    while training; `second_time` embeds a second time (a flow map's t - r or a shortcut's step size) as the first
+    and adds it to c (`add_second_time`; off: the parameters and state-dict keys are those without). Two departures
+    from the reference, neither changing parameters or FLOPs: the time features are the project's SinusoidalEmbedding
+    (exponent i / (d/2 - 1), not i / (d/2)), and the fixed position embedding is a buffer, not a frozen parameter."""
 
     def __init__(
         self,
@@ -128,6 +135,7 @@ class DiT(nn.Module):
         out_channels: int | None = None,
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
+        second_time: bool = False,
     ):
         super().__init__()
         if size not in SIZES:
@@ -142,10 +150,8 @@ class DiT(nn.Module):
 
         self.x_embedder = nn.Conv2d(channels, hidden_size, patch_size, stride=patch_size)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, image_size // patch_size), persistent=False)
-        self.t_embedder = nn.Sequential(
-            SinusoidalEmbedding(FREQUENCY_EMBEDDING_SIZE), nn.Linear(FREQUENCY_EMBEDDING_SIZE, hidden_size), nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
+        self.t_embedder = time_embedder(hidden_size)
+        self.second_time_embedder = time_embedder(hidden_size) if second_time else None
         self.class_emb = ClassEmbedding(num_classes, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -160,8 +166,9 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.t_embedder[1].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[3].weight, std=0.02)
+        for embedder in filter(None, (self.t_embedder, self.second_time_embedder)):
+            nn.init.normal_(embedder[1].weight, std=0.02)
+            nn.init.normal_(embedder[3].weight, std=0.02)
         if self.class_emb is not None:
             nn.init.normal_(self.class_emb.weight, std=0.02)
         for layer in [*(block.adaLN_modulation[-1] for block in self.blocks), self.final_layer.adaLN_modulation[-1],
@@ -174,12 +181,13 @@ class DiT(nn.Module):
         width, grid = self.x_embedder.out_channels, math.isqrt(len(self.pos_embed))
         return [HiddenLayer(block, width, grid) for block in self.blocks]
 
-    def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W), t (B,) real noise levels -> (B, out_channels, H, W); x_self_cond is unused (self_condition
-        is False)."""
+    def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None,
+                second_time: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) real noise levels, second_time (B,) where built with one -> (B, out_channels, H, W);
+        x_self_cond is unused (self_condition is False)."""
         h = x.shape[-2] // self.patch_size
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D), N = HW / p^2
-        c = self.t_embedder(t)
+        c = add_second_time(self.t_embedder(t), self.second_time_embedder, second_time, "dit")
         if self.class_emb is not None:
             c = c + self.class_emb(class_labels, x.shape[0])
         run = partial(checkpointed, self.gradient_checkpointing and self.training)

@@ -12,7 +12,7 @@ from diffusion_lab.utils.errors import ConfigError
 
 class SinusoidalEmbedding(nn.Module):
     """emb(t)_i = sin(t w_i) for i < d/2 and cos(t w_{i-d/2}) after, w_i = 10000^(-i/(d/2-1))
-    (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020, Appendix B)."""
+    (Vaswani et al. 2017, Sec. 3.5; Ho et al. 2020, Appendix B), in float32 (float64 for float64 t)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -23,8 +23,22 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
-        args = t.float()[:, None] * freqs[None]
+        args = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs[None]
         return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+def add_second_time(emb: Tensor, embedder: nn.Module | None, second_time: Tensor | None, model: str) -> Tensor:
+    """emb + embedder(second_time): the embedding of a second time (a flow map's t - r, a shortcut's step size d),
+    embedded as the first and added to its embedding (Geng et al. 2025, MeanFlow, Tab. 1c; Frans et al. 2024,
+    shortcut models). A backbone built with `second_time=true` needs one at every call and one built without takes none: either
+    mismatch is a ConfigError."""
+    if embedder is None and second_time is not None:
+        raise ConfigError(f"model={model} was built without a second time (model.second_time=false) but was given one; "
+                          "the flow-map processes (process=meanflow, process=shortcut) build it with one")
+    if embedder is not None and second_time is None:
+        raise ConfigError(f"model={model} was built with a second time (model.second_time=true) but was called "
+                          "without one; only the flow-map processes (process=meanflow, process=shortcut) give one")
+    return emb if embedder is None else emb + embedder(second_time)
 
 
 def check_downsampling(model: str, image_size: int, levels: int) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from diffusion_lab.models.components.cross_attention import CrossAttention
 from diffusion_lab.models.components.features import HiddenLayer
 from diffusion_lab.models.components.layers import (
-    ClassEmbedding, SinusoidalEmbedding, check_downsampling, check_groups, checkpointed, labels_or_null,
+    ClassEmbedding, SinusoidalEmbedding, add_second_time, check_downsampling, check_groups, checkpointed, labels_or_null,
 )
 from diffusion_lab.utils.errors import ConfigError
 
@@ -131,6 +131,11 @@ def up_levels(in_out: list[tuple[int, int]], block: Callable, attn: Callable) ->
         for i, (d_in, d_out) in enumerate(reversed(in_out)))
 
 
+def time_mlp(dim: int, emb_dim: int) -> nn.Sequential:
+    """Sinusoidal time features of width dim -> Linear -> GELU -> Linear to emb_dim."""
+    return nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
+
+
 class UnetAttn(nn.Module):
     """U-Net with widths dim * dim_mults; the resolution halves between levels (len(dim_mults) - 1 times).
     `self_condition` adds the previous x_0 estimate as extra input channels (Chen et al. 2023, analog bits);
@@ -138,7 +143,9 @@ class UnetAttn(nn.Module):
     time embedding; with a `context_encoder` (a factory called with num_classes, e.g. a partial `ClassTokens`)
     the classes enter instead as a context sequence (B, L, D) that cross-attention blocks after every attention
     attend to (Rombach et al. 2022, Sec. 3.3). `gradient_checkpointing` recomputes each ResNet, attention and
-    cross-attention block in the backward pass while training."""
+    cross-attention block in the backward pass while training. `second_time` embeds a second time (a flow map's t - r
+    or a shortcut's step size) as the first and adds it to the time embedding (`add_second_time`; off: the parameters
+    and state-dict keys are those without)."""
 
     def __init__(
         self,
@@ -154,6 +161,7 @@ class UnetAttn(nn.Module):
         attn_dim_head: int = 32,
         context_encoder: Callable[..., nn.Module] | None = None,
         gradient_checkpointing: bool = False,
+        second_time: bool = False,
     ):
         super().__init__()
         if dim < 1 or not dim_mults or any(m < 1 for m in dim_mults):
@@ -169,7 +177,8 @@ class UnetAttn(nn.Module):
         attn = partial(LinearAttention, heads=attn_heads, dim_head=attn_dim_head)
 
         self.init_conv = nn.Conv2d(channels * (2 if self_condition else 1), dim, 1)
-        self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = time_mlp(dim, emb_dim)
+        self.second_time_mlp = time_mlp(dim, emb_dim) if second_time else None
         if context_encoder is not None and not num_classes:
             raise ConfigError("model.context_encoder encodes class labels: it needs data.conditional=true")
         self.context_encoder = context_encoder(num_classes=num_classes) if context_encoder is not None else None
@@ -204,12 +213,13 @@ class UnetAttn(nn.Module):
         width = self.mid_block1.block2.proj.out_channels
         return layers + [HiddenLayer(block, width, middle) for block in (self.mid_block1, self.mid_block2)]
 
-    def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, *, x_self_cond: Tensor | None = None, class_labels: Tensor | None = None,
+                second_time: Tensor | None = None) -> Tensor:
         if self.self_condition:
             x = torch.cat([x_self_cond if x_self_cond is not None else torch.zeros_like(x), x], dim=1)
         x = self.init_conv(x)
         skip = x.clone()
-        emb = self.time_mlp(t)
+        emb = add_second_time(self.time_mlp(t), self.second_time_mlp, second_time, "unet_attn")
         if self.num_classes:
             class_labels = labels_or_null(class_labels, self.num_classes, x.shape[0], x.device)
         if self.class_emb is not None:

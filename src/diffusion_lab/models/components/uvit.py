@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from diffusion_lab.models.components.dit import SelfAttention, check_transformer, mlp
 from diffusion_lab.models.components.features import HiddenLayer
-from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, checkpointed
+from diffusion_lab.models.components.layers import ClassEmbedding, SinusoidalEmbedding, add_second_time, checkpointed
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -35,11 +35,21 @@ class UViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def time_embedder(hidden_size: int, mlp: bool) -> nn.Module:
+    """Sinusoidal time features, through Linear -> SiLU -> Linear when `mlp` (U-ViT's mlp_time_embed)."""
+    features = SinusoidalEmbedding(hidden_size)
+    if not mlp:
+        return features
+    return nn.Sequential(features, nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(), nn.Linear(4 * hidden_size, hidden_size))
+
+
 class UViT(nn.Module):
     """U-ViT with `depth` blocks in all (odd: the paper's U-ViT-S has 13); `mlp_time_embed` passes the sinusoidal
     time features through an MLP (the paper's latent ImageNet models) instead of using them as the token directly.
     `num_classes` adds a class token with one extra null class (index num_classes) for classifier-free guidance;
-    `gradient_checkpointing` recomputes each block in the backward pass while training."""
+    `gradient_checkpointing` recomputes each block in the backward pass while training; `second_time` embeds a second
+    time (a flow map's t - r or a shortcut's step size) as the first and adds it to the time token (`add_second_time`;
+    off: the parameters and state-dict keys are those without)."""
 
     def __init__(
         self,
@@ -56,6 +66,7 @@ class UViT(nn.Module):
         out_channels: int | None = None,
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
+        second_time: bool = False,
     ):
         super().__init__()
         check_transformer("uvit", image_size, patch_size, depth, hidden_size, num_heads)
@@ -67,10 +78,8 @@ class UViT(nn.Module):
         self.extras = 2 if num_classes else 1  # the time token, and the class token
 
         self.patch_embed = nn.Conv2d(channels, hidden_size, patch_size, stride=patch_size)
-        time_features = SinusoidalEmbedding(hidden_size)
-        self.time_embed = nn.Sequential(
-            time_features, nn.Linear(hidden_size, 4 * hidden_size), nn.SiLU(), nn.Linear(4 * hidden_size, hidden_size)
-        ) if mlp_time_embed else time_features
+        self.time_embed = time_embedder(hidden_size, mlp_time_embed)
+        self.second_time_embed = time_embedder(hidden_size, mlp_time_embed) if second_time else None
         self.class_emb = ClassEmbedding(num_classes, hidden_size) if num_classes else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + (image_size // patch_size) ** 2, hidden_size))
         block = partial(UViTBlock, hidden_size, num_heads, mlp_ratio, qkv_bias)
@@ -98,11 +107,12 @@ class UViT(nn.Module):
         return [HiddenLayer(block, width, grid, self.extras)
                 for block in [*self.in_blocks, self.mid_block, *self.out_blocks]]
 
-    def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W), t (B,) real noise levels -> (B, out_channels, H, W); x_self_cond is unused (self_condition
-        is False)."""
+    def forward(self, x: Tensor, t: Tensor, *, class_labels: Tensor | None = None, x_self_cond: Tensor | None = None,
+                second_time: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), t (B,) real noise levels, second_time (B,) where built with one -> (B, out_channels, H, W);
+        x_self_cond is unused (self_condition is False)."""
         h = x.shape[-2] // self.patch_size
-        tokens = [self.time_embed(t)[:, None]]
+        tokens = [add_second_time(self.time_embed(t), self.second_time_embed, second_time, "uvit")[:, None]]
         if self.class_emb is not None:
             tokens.insert(0, self.class_emb(class_labels, x.shape[0])[:, None])
         tokens.append(self.patch_embed(x).flatten(2).transpose(1, 2))
