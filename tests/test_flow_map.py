@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from test_resume import assert_same_run, last_checkpoint, run
-from tiny_run import image_folder, tiny_overrides
+from tiny_run import image_folder, run_train, tiny_overrides
 
 from diffusion_lab.builders import load_model, second_time_option
 from diffusion_lab.diffusion.flow_map import time_derivative
@@ -163,6 +163,32 @@ def test_training_loss_of_the_exact_map_of_a_point_mass_is_zero(process):
     assert (process.training_losses(ExactMap(process.time_scale), x0, g)[0][16:] > 1e-6).all()
 
 
+class LabelEcho(nn.Module):
+    """u = the class label (the null class 2 reads 10), whatever z, r and t."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, z, t, *, second_time, class_labels, x_self_cond=None):
+        value = torch.where(class_labels == 2, 10.0, class_labels.double())
+        return value.reshape(-1, 1, 1, 1).expand_as(z)
+
+
+def test_guidance_folded_into_meanflow_mixes_in_the_unconditional_velocity():
+    """omega v + (1 - omega) u(z_t, t, t | null) for labelled samples, v for those dropped to the null class
+    (Geng et al. Eq. 19, 21): with u | null = 10 and v = 1, omega = 3 gives 3 - 20 = -17."""
+    z, t = torch.zeros(3, *SHAPE, dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64)
+    velocity = torch.ones_like(z)
+    guided = MeanFlow(guidance_scale=3.0).guided_velocity(LabelEcho(), z, t, velocity,
+                                                          {"class_labels": torch.tensor([0, 1, 2])})
+    assert guided[:2].eq(-17).all() and guided[2].eq(1).all()
+    assert torch.equal(MeanFlow().guided_velocity(LabelEcho(), z, t, velocity, {"class_labels": torch.tensor([0, 1, 2])}),
+                       velocity)
+
+
 def test_shortcut_steps_are_powers_of_two_on_their_grid():
     d, t = Shortcut(finest_steps=16).sample_steps(4000, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert set(d.tolist()) == {1.0, 0.5, 0.25, 0.125}
@@ -257,3 +283,19 @@ def test_flow_map_run_resumes_exactly_and_its_checkpoint_samples(experiment, tmp
         sampler = Sampler("flow_map", steps)
         x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
         assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps
+
+
+def test_meanflow_under_two_rank_ddp_keeps_ranks_in_sync(tmp_path):
+    """python train.py trainer=ddp (2 CPU ranks, gloo) with MeanFlow's JVP: each rank trains on its own shard and the
+    all-reduced gradients leave both with the same weights, bit for bit."""
+    images, probe = image_folder(tmp_path / "images"), tmp_path / "probe"
+    tiny = [o for o in tiny_overrides(images, tmp_path / "run", 3) if not o.startswith("schedule.")]
+    run_train(["experiment=meanflow_fashion_mnist", *tiny, "trainer=ddp", "trainer.accelerator=cpu",
+               "trainer.devices=2", "trainer.sync_batchnorm=false", "+callbacks.probe._target_=tiny_run.RankProbe",
+               f"+callbacks.probe.dirpath={probe}"])
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])
+    assert any("second_time_mlp" in name for name in ranks[0]["weights"])
+    for name, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][name]), name
