@@ -14,6 +14,7 @@ from tiny_run import image_folder, run_train, tiny_overrides
 
 from diffusion_lab.builders import load_model, second_time_option
 from diffusion_lab.diffusion.flow_map import time_derivative
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.meanflow import MeanFlow
 from diffusion_lab.diffusion.shortcut import Shortcut, self_consistency_target
@@ -223,7 +224,7 @@ def test_guided_steps_of_the_exact_map_pass_the_level_through_guidance():
     net.num_classes = 2
     model = DiffusionModel(net, MeanFlow(), SHAPE, num_classes=2)
     noise = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(0))
-    x = model.sample(noise, Sampler("flow_map", 2), guidance_scale=3.0, class_labels=torch.tensor([0, 1] * 4))
+    x = model.sample(noise, Sampler("flow_map", 2), guidance=Guidance(3.0), class_labels=torch.tensor([0, 1] * 4))
     torch.testing.assert_close(x, (MU + S * noise.double()).float(), rtol=0, atol=1e-5)
 
 
