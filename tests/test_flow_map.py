@@ -39,13 +39,13 @@ def moments(t: torch.Tensor, s: float = S) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def exact_average_velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, s: float = S) -> torch.Tensor:
-    """u(z, r, t) = (z - z_r) / (t - r), z_r = m_r + sd_r / sd_t (z - m_t) the flow from t to r; at r = t the velocity
-    -MU + (t - (1 - t) s^2) / sd_t^2 (z - m_t)."""
+    """u(z, r, t) = (z - z_r) / (t - r), z_r = m_r + sd_r / sd_t (z - m_t) the flow from t to r (r > t too: the same
+    smooth function); at r = t the velocity -MU + (t - (1 - t) s^2) / sd_t^2 (z - m_t)."""
     (m_t, sd_t), (m_r, sd_r) = moments(t, s), moments(r, s)
     gap = (t - r).reshape(-1, 1, 1, 1)
     velocity = -MU + (t.reshape(-1, 1, 1, 1) - (1 - t.reshape(-1, 1, 1, 1)) * s**2) / sd_t**2 * (z - m_t)
     z_r = m_r + sd_r / sd_t * (z - m_t)
-    return torch.where(gap > 0, (z - z_r) / torch.where(gap > 0, gap, torch.ones_like(gap)), velocity)
+    return torch.where(gap != 0, (z - z_r) / torch.where(gap != 0, gap, torch.ones_like(gap)), velocity)
 
 
 class ExactMap(nn.Module):
@@ -138,6 +138,26 @@ def test_jvp_equals_finite_differences_for_each_backbone(name, one_thread):
     assert scale > 1e-3
     torch.testing.assert_close(derivatives["exact"] / scale, central / scale, rtol=0, atol=1e-5)
     torch.testing.assert_close(derivatives["finite_difference"], central, rtol=0, atol=1e-12)
+
+
+def test_auto_jvp_falls_back_to_finite_differences_where_forward_mode_has_no_rule():
+    """jvp_mode=auto: an operation without a forward-mode rule (simulated: the exact map refusing forward-mode
+    inputs with PyTorch's NotImplementedError) gives the finite difference, with a warning; exact raises it."""
+
+    def no_forward_rule(z, r, t):
+        if torch._C._functorch.is_functorch_wrapped_tensor(z):
+            raise NotImplementedError("Trying to use forward AD with some_op that does not support it")
+        return exact_average_velocity(z, r, t)
+
+    t = torch.tensor([0.9, 0.4], dtype=torch.float64)
+    r, z = torch.tensor([0.2, 0.1], dtype=torch.float64), marginal_points(t)
+    velocity = exact_average_velocity(z, t, t)
+    with pytest.warns(UserWarning, match="finite differences"):
+        _, auto = time_derivative(no_forward_rule, z, r, t, velocity, "auto", step=1e-5)
+    _, exact = time_derivative(exact_average_velocity, z, r, t, velocity, "exact")
+    torch.testing.assert_close(auto, exact, rtol=0, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        time_derivative(no_forward_rule, z, r, t, velocity, "exact")
 
 
 def test_shortcut_target_is_two_half_steps_of_the_exact_flow():
