@@ -140,6 +140,26 @@ def test_jvp_equals_finite_differences_for_each_backbone(name, one_thread):
     torch.testing.assert_close(derivatives["finite_difference"], central, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_meanflow_under_gradient_checkpointing_has_the_same_loss_and_gradients(name, one_thread):
+    """A checkpointed network cannot replay a forward-mode pass in its backward; MeanFlow then takes u from a forward
+    apart from the JVP's, with the same dropout masks: loss and gradients equal those without checkpointing."""
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = randomised(backbone(name)).train()
+        net.gradient_checkpointing = checkpointing
+        torch.manual_seed(5)
+        loss, _ = MeanFlow(jvp_mode="exact", equal_fraction=0.0).training_losses(net, x0, torch.Generator().manual_seed(6))
+        loss.sum().backward()
+        results.append((loss.detach(), [p.grad for p in net.parameters()]))
+    (loss, grads), (loss_checkpointed, grads_checkpointed) = results
+    torch.testing.assert_close(loss_checkpointed, loss, rtol=1e-9, atol=0)
+    for grad, grad_checkpointed in zip(grads, grads_checkpointed):
+        torch.testing.assert_close(grad_checkpointed, grad, rtol=1e-7, atol=1e-12)
+
+
 def test_auto_jvp_falls_back_to_finite_differences_where_forward_mode_has_no_rule():
     """jvp_mode=auto: an operation without a forward-mode rule (simulated: the exact map refusing forward-mode
     inputs with PyTorch's NotImplementedError) gives the finite difference, with a warning; exact raises it."""

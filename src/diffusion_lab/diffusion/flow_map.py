@@ -27,29 +27,47 @@ JVP_MODES = ("auto", "exact", "finite_difference")
 AverageVelocity = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, r, t) -> u(z, r, t)
 
 
+def same_random_numbers(device: torch.device):
+    """A context that restores the random state (CPU, and the device's on CUDA) on exit: calls inside it draw the
+    same numbers (dropout masks) as the next call after it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def forward_mode(fn: AverageVelocity, z: Tensor, r: Tensor, t: Tensor, velocity: Tensor,
+                 primal_apart: bool) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) by torch.func.jvp, attention by the math kernel of scaled_dot_product_attention (the fused CPU
+    kernel has no forward-mode rule). primal_apart: u from a plain forward after a JVP without gradients drawing the
+    same random numbers, for a network that recomputes its forward in the backward pass (gradient checkpointing),
+    which cannot replay a forward-mode one; one more forward than the single pass."""
+    tangents = (velocity, torch.zeros_like(r), torch.ones_like(t))
+    if not primal_apart:
+        with sdpa_kernel(SDPBackend.MATH):
+            u, du_dt = torch.func.jvp(fn, (z, r, t), tangents)
+        return u, du_dt.detach()
+    with same_random_numbers(z.device), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        _, du_dt = torch.func.jvp(fn, (z, r, t), tangents)
+    return fn(z, r, t), du_dt
+
+
 def time_derivative(fn: AverageVelocity, z: Tensor, r: Tensor, t: Tensor, velocity: Tensor, mode: str = "auto",
-                    step: float = 1e-4) -> tuple[Tensor, Tensor]:
+                    step: float = 1e-4, primal_apart: bool = False) -> tuple[Tensor, Tensor]:
     """(u, du/dt) of u = fn(z, r, t) along the trajectory dz/dt = velocity, dr/dt = 0: the total derivative
     d/dt u = velocity . grad_z u + d_t u, the JVP of fn with tangent (velocity, 0, 1) (MeanFlow, Eq. 8).
-    exact: forward-mode AD (torch.func.jvp), attention by the math kernel of scaled_dot_product_attention (the fused
-    CPU kernel has no forward-mode rule); finite_difference: (fn(z + h v, r, t + h) - fn(z - h v, r, t - h)) / 2h with
-    h = step, the three calls drawing the same random numbers (dropout); auto: exact, or finite differences where an
-    operation has no forward-mode rule. u keeps its graph to the parameters; du/dt has none."""
+    exact: forward-mode AD (`forward_mode`); finite_difference: (fn(z + h v, r, t + h) - fn(z - h v, r, t - h)) / 2h
+    with h = step, the three calls drawing the same random numbers (dropout); auto: exact, or finite differences
+    where an operation has no forward-mode rule. u keeps its graph to the parameters; du/dt has none."""
     if mode not in JVP_MODES:
         raise ConfigError(f"process.jvp_mode={mode!r} is not allowed; choose one of {', '.join(JVP_MODES)}")
     if mode != "finite_difference":
         try:
-            with sdpa_kernel(SDPBackend.MATH):
-                u, du_dt = torch.func.jvp(fn, (z, r, t), (velocity, torch.zeros_like(r), torch.ones_like(t)))
-            return u, du_dt.detach()
+            return forward_mode(fn, z, r, t, velocity, primal_apart)
         except NotImplementedError as error:
             if mode == "exact" or "forward AD" not in str(error):
                 raise
             warnings.warn(f"process.jvp_mode=auto: finite differences, as forward-mode AD failed: {str(error).splitlines()[0]}")
-    devices = [z.device] if z.device.type == "cuda" else []
     ends = []
     for sign in (1, -1):
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with same_random_numbers(z.device), torch.no_grad():
             ends.append(fn(z + sign * step * velocity, r, t + sign * step))
     return fn(z, r, t), (ends[0] - ends[1]) / (2 * step)
 

@@ -71,9 +71,11 @@ class MeanFlow(FlowMap):
     def target(self, net: nn.Module, z: Tensor, r: Tensor, t: Tensor, velocity: Tensor,
                **net_kwargs) -> tuple[Tensor, Tensor]:
         """(u_theta(z_t, r, t), u_tgt = velocity - (t - r) d/dt u_theta) (MeanFlow, Eq. 10), the derivative along
-        dz/dt = velocity; u_tgt carries no gradient."""
+        dz/dt = velocity; u_tgt carries no gradient. A net that recomputes its forward in the backward pass
+        (gradient checkpointing, in training) gets u from a forward apart from the JVP's."""
+        recomputes = bool(getattr(net, "gradient_checkpointing", False)) and net.training
         u, du_dt = time_derivative(partial(self.average_velocity, net, **net_kwargs), z, r, t, velocity,
-                                   self.jvp_mode, self.fd_step)
+                                   self.jvp_mode, self.fd_step, primal_apart=recomputes)
         return u, (velocity - broadcast(t - r, z) * du_dt).detach()
 
     def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, velocity: Tensor, net_kwargs: dict) -> Tensor:
