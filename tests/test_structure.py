@@ -32,7 +32,7 @@ LAYERS = {
     "training callbacks": ({"callbacks"}, {"utils", "maths", "networks", "model object", "evaluation"}),
     # the one config mechanism: configs/, the resolvers (${first_stage:PATH}, ...), hydra_main, compose_config
     "config": ({"config"}, {"utils", "model object", "data"}),
-    "command-line programs": ({"train", "sample", "data.prepare", "metrics.__main__", "posthoc_ema"},
+    "command-line programs": ({"train", "sample", "data.prepare", "metrics.__main__", "posthoc_ema", "sweep"},
                               {"utils", "maths", "networks", "model object", "lightning modules", "data",
                                "evaluation", "training callbacks", "config"}),
 }
