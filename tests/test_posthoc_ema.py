@@ -275,3 +275,11 @@ def test_the_callback_refuses_what_would_mix_other_averages_in(tmp_path):
         PostHocEMA(tmp_path, sigma_rels=(0.05,)).load_state_dict(PostHocEMA(tmp_path).state_dict())
     with pytest.raises(ConfigError, match="callbacks.posthoc_ema.sigma_rels"):
         PostHocEMA(tmp_path, sigma_rels=(0.05, 0.3))
+
+
+def test_a_refusal_names_each_contiguous_span_of_expressible_lengths():
+    """Few snapshots fit the tracked lengths and not always what lies between: the message must not join the spans."""
+    from diffusion_lab.ema.snapshots import contiguous_spans
+
+    assert contiguous_spans([0.045, 0.05, 0.055, 0.2, 0.205]) == [(0.045, 0.055), (0.2, 0.205)]
+    assert contiguous_spans([0.1]) == [(0.1, 0.1)] and contiguous_spans([]) == []

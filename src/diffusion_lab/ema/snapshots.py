@@ -55,6 +55,17 @@ def list_snapshots(dirpath: str | Path) -> list[Snapshot]:
     return sorted(snapshots, key=lambda s: (s.step, s.sigma_rel))
 
 
+def contiguous_spans(grid_values: list[float], step: float = 0.005) -> list[tuple[float, float]]:
+    """The runs of consecutive values of a grid of spacing `step`, as (first, last) pairs."""
+    spans: list[list[float]] = []
+    for value in grid_values:
+        if spans and abs(value - spans[-1][1] - step) < step / 2:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    return [(lo, hi) for lo, hi in spans]
+
+
 def reconstruct_checkpoint(run: str | Path, sigma_rel: float, step: int | None = None,
                            max_profile_error: float = 0.05) -> dict[str, Any]:
     """The checkpoint `<run>/checkpoints/last.ckpt` holding, as its EMA weights, the power-function EMA of `sigma_rel`
@@ -80,7 +91,7 @@ def reconstruct_checkpoint(run: str | Path, sigma_rel: float, step: int | None =
     coefficients, error = solve_posthoc_coefficients(steps, gammas, step, gamma)
     if error > max_profile_error:
         reach = expressible_sigma_rels(steps, gammas, step, max_profile_error)
-        span = f"[{reach[0]}, {reach[-1]}]" if reach else "none"
+        span = ", ".join(f"[{lo}, {hi}]" for lo, hi in contiguous_spans(reach)) or "none"
         raise ConfigError(f"sigma_rel={sigma_rel} is beyond what the {len(used)} snapshots up to step {step} express: "
                           f"its profile is fitted to {error:.1%}, over max_profile_error={max_profile_error}; they "
                           f"express sigma_rel in {span} (more snapshots widen it: callbacks.posthoc_ema.every_n_steps)")
