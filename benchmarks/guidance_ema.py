@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--conditional", action="store_true")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (the checkpoint's sampler)")
+    parser.add_argument("--sampler", default="ddim", help="configs/sampler/<name>.yaml (the reference's DDIM)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--emas", default="[ema,0.05,0.08,0.1,0.15]")
     parser.add_argument("--guidance-scales", default="[1]")
     parser.add_argument("--intervals", default="[null]")
@@ -50,11 +51,12 @@ def main() -> None:
     out = args.out or args.run / "sweep"
     subprocess.run([sys.executable, "-m", "diffusion_lab.sweep", str(args.run), f"out={out}", f"emas={args.emas}",
                     f"guidance_scales={args.guidance_scales}", f"intervals={args.intervals}", f"guide={args.guide}",
-                    f"num_samples={args.num_samples}", f"batch_size={args.batch_size}", f"steps={args.steps}"],
+                    f"num_samples={args.num_samples}", f"batch_size={args.batch_size}", f"sampler={args.sampler}",
+                    f"steps={args.steps}"],
                    cwd=ROOT, check=True)
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     baseline = next((r["fd"] for r in results if r["ema"] == "ema" and r["guidance_scale"] == 1), None)
-    print(f"\n{len(results)} points, {args.num_samples} samples each, {args.steps} sampler steps; ratio: FD / FD of the "
+    print(f"\n{len(results)} points, {args.num_samples} samples each, {args.sampler} {args.steps} steps; ratio: FD / FD of the "
           "run's own EMA at w = 1")
     print(f"{'EMA':>6} {'w':>5} {'interval':>14} {'guide':>10} {'FD':>9} {'ratio':>7} {'NFE':>6}")
     for r in sorted(results, key=lambda r: r["fd"]):

@@ -25,7 +25,7 @@ def snapshot_run(tmp_path_factory):
     return output_dir
 
 
-SWEEP = ["num_samples=40", "batch_size=40", "steps=3", "seed=5"]
+SWEEP = ["num_samples=40", "batch_size=40", "sampler=ddim", "steps=3", "seed=5"]
 
 
 @needs_fashion_mnist
@@ -49,7 +49,7 @@ def test_sweep_scores_the_grid_resumes_and_names_the_best(snapshot_run, tmp_path
 
     # the (ema, w = 1) point is what sample.py scores for the same seed and samples
     paths = sample(compose_sample([f"ckpt_path={snapshot_run}/checkpoints/last.ckpt", "num_samples=40",
-                                   "batch_size=40", "sampler.steps=3", "seed=5", "metrics=[fid]", "device=cpu",
+                                   "batch_size=40", "sampler=ddim", "sampler.steps=3", "seed=5", "metrics=[fid]", "device=cpu",
                                    f"output_dir={tmp_path / 'plain'}"]))
     assert json.loads(paths["metrics"].read_text())["fid"] == pytest.approx(
         next(r["fd"] for r in results if r["ema"] == "ema" and r["guidance_scale"] == 1), rel=1e-6)

@@ -9,7 +9,8 @@ Options (values in YAML: lists as [a,b]):
   guide=cfg                  cfg (the null class; a class-conditional run), a checkpoint path, or step:N[@S]: the
                              run's own post-hoc EMA of length S (default 0.05) at its snapshot step N (autoguidance by
                              an earlier model, Karras et al. 2024)
-  num_samples=1000 batch_size=250 seed=0 steps=null (the checkpoint's sampler; N: its steps set to N)
+  num_samples=1000 batch_size=250 seed=0
+  sampler=null steps=null    the checkpoint's sampler, or configs/sampler/<name>.yaml; N steps (null: its own)
   extractor=classifier       the features FD is computed in (metrics/common.yaml: classifier | inception | dinov2)
   weights_path=null          the extractor's weights (inception, dinov2)
 Writes DIR/results.jsonl (a point per line, as it is scored: a rerun with the same options goes on from there),
@@ -28,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.builders import load_model
-from diffusion_lab.config import compose_config
+from diffusion_lab.config import CONFIG_DIR, compose_config
 from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.ema.snapshots import reconstruct_checkpoint
 from diffusion_lab.generate import generate
@@ -41,7 +42,7 @@ from diffusion_lab.utils.io import atomic_path
 
 USAGE = "usage: python -m diffusion_lab.sweep RUN out=DIR [emas=[...]] [guidance_scales=[...]] [intervals=[...]] ..."
 DEFAULTS = {"out": None, "emas": ["ema"], "guidance_scales": [1.0], "intervals": [None], "guide": "cfg",
-            "num_samples": 1000, "batch_size": 250, "seed": 0, "steps": None, "extractor": "classifier",
+            "num_samples": 1000, "batch_size": 250, "seed": 0, "sampler": None, "steps": None, "extractor": "classifier",
             "weights_path": None}
 
 
@@ -86,9 +87,15 @@ def guide_model(run: Path, guide: str, device: torch.device):
     return load_model(load_checkpoint(guide, key="guide"), "ema", device)
 
 
-def sampler_of(checkpoint_config: dict, steps: int | None):
-    """The checkpoint's own sampler, with `steps` steps when given."""
+def sampler_of(checkpoint_config: dict, name: str | None, steps: int | None):
+    """The checkpoint's own sampler, or configs/sampler/<name>.yaml, with `steps` steps when given."""
     config = OmegaConf.create(checkpoint_config)
+    if name is not None:
+        path = CONFIG_DIR / "sampler" / f"{name}.yaml"
+        if not path.is_file():
+            choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+            raise ConfigError(f"sampler={name} is not a sampler config; choose one of {choices}")
+        config.sampler = OmegaConf.load(path)
     if steps is not None:
         config.sampler.steps = steps
     return instantiate(OmegaConf.to_container(config.sampler, resolve=True))
@@ -192,7 +199,7 @@ def main(argv: list[str]) -> None:
     last = load_checkpoint(run / "checkpoints" / "last.ckpt", key="RUN")
     data = last["config"]["data"]
     scoring = scoring_options(options, data)
-    sampler = sampler_of(last["config"], options["steps"])
+    sampler = sampler_of(last["config"], options["sampler"], options["steps"])
     guide = guide_model(run, options["guide"], device)
     header = {"run": str(run.resolve()), **{k: v for k, v in options.items() if k not in ("out", "emas",
               "guidance_scales", "intervals")}, "sampler": str(sampler)}
