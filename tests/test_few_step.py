@@ -167,7 +167,7 @@ def test_consistency_distillation_runs_and_its_checkpoint_samples(teachers, teac
     (["teacher_ckpt=/nonexistent.ckpt"], "teacher_ckpt=/nonexistent.ckpt does not exist"),
     (["teacher_ckpt={flow}"], "is a flow_matching checkpoint; experiment=consistency_distillation distils"),
     (["teacher_ckpt={edm}", "model.dim=16"], "the student's backbone differs from the teacher's"),
-    (["teacher_ckpt={ddpm}"], "a process ddpm objective=eps network, .*; set module.init_student=false"),
+    (["teacher_ckpt={ddpm}"], "a process gaussian objective=eps network, .*; set module.init_student=false"),
     (["teacher_ckpt={edm}", "process.sigma_data=1.0"], "set process.sigma_data to the teacher's 0.5"),
     (["teacher_ckpt={ddpm}", "module.init_student=false"],
      r"process.sigma_min=0.002 lies below the smallest noise level .* set process.sigma_min=0.0709 \(or more\)"),

@@ -80,7 +80,7 @@ class GaussianDiffusion(Process):
     timestep (`DiscreteVPPath.locate`).
     """
 
-    name = "ddpm"
+    name = "gaussian"  # as configs/process/gaussian.yaml names it
     default_spacing = "uniform"
 
     def __init__(self, betas: Tensor, objective: str = "eps", loss_type: str = "l2", loss_weighting: str = "none",

@@ -88,7 +88,7 @@ class ConsistencyDistillationModule(ConsistencyModule):
 
     def __init__(self, model, *args, teacher_ckpt: str | None = None, init_student: bool = True, **kwargs):
         super().__init__(model, *args, **kwargs)
-        self.teacher = load_teacher(teacher_ckpt, ("edm", "ddpm"), model, "consistency_distillation")
+        self.teacher = load_teacher(teacher_ckpt, ("edm", "gaussian"), model, "consistency_distillation")
         teacher = self.teacher.model
         if init_student and teacher.process_name != "edm":
             raise ConfigError(f"module.init_student=true starts the student from the weights of teacher_ckpt={teacher_ckpt}, "

@@ -39,10 +39,10 @@ class ProgressiveDistillationModule(DiffusionModule):
                 and stages[-1] == final_steps and all(teacher_steps == n * 2 ** (s + 1) for s, n in enumerate(stages))):
             raise ConfigError(f"module.teacher_steps={teacher_steps}, final_steps={final_steps}, steps_per_stage="
                               f"{steps_per_stage}: need final_steps * 2^k = teacher_steps (k >= 1) and steps_per_stage >= 1")
-        if model.process_name == "ddpm" and model.setting("num_timesteps") % teacher_steps:
+        if model.process_name == "gaussian" and model.setting("num_timesteps") % teacher_steps:
             raise ConfigError(f"schedule.timesteps={model.setting('num_timesteps')} must be divisible by module.teacher_steps="
                               f"{teacher_steps}, so that each student's grid is the even half of its teacher's")
-        self.teacher = load_teacher(teacher_ckpt, ("ddpm", "edm"), model, "progressive_distillation")
+        self.teacher = load_teacher(teacher_ckpt, ("gaussian", "edm"), model, "progressive_distillation")
         check_same_parameterisation(model, self.teacher.model, *model.grid(teacher_steps, "trailing"), teacher_ckpt)
         init_from_teacher(model, self.teacher.model, teacher_ckpt)
         self.stage_steps, self.steps_per_stage = stages, steps_per_stage
