@@ -382,7 +382,7 @@ def test_progressive_distillation_runs_a_checkpoint_per_stage_that_samples(teach
         checkpoint = load_checkpoint(out / "checkpoints" / name)
         assert checkpoint["config"]["sampler"]["steps"] == steps
         model = load_model(checkpoint, "ema", torch.device("cpu"))
-        assert model.process.name == {"edm": "edm", "ddpm_v": "ddpm"}[teacher]  # the teacher's parameterisation
+        assert model.process.name == {"edm": "edm", "ddpm_v": "gaussian"}[teacher]  # the teacher's parameterisation
         sampler = instantiate(checkpoint["config"]["sampler"])
         x = model.sample(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), sampler)
         assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps

@@ -48,7 +48,7 @@ class DiffusionModel(nn.Module):
         return self.process.name
 
     def describe(self) -> str:
-        """How a message names the process's parameterisation: "process edm", "process ddpm objective=v"."""
+        """How a message names the process's parameterisation: "process edm", "process gaussian objective=v"."""
         objective = getattr(self.process, "objective", None)
         return f"process {self.process.name}" + (f" objective={objective}" if objective else "")
 

@@ -29,7 +29,7 @@ class ProgressiveDistillationModule(DiffusionModule):
     def __init__(self, model, *args, teacher_ckpt: str | None = None, teacher_steps: int = 256, final_steps: int = 1,
                  steps_per_stage: int = 5000, checkpoint_dir: str = "checkpoints", **kwargs):
         super().__init__(model, *args, **kwargs)
-        if model.describe() not in ("process edm", "process ddpm objective=v"):
+        if model.describe() not in ("process edm", "process gaussian objective=v"):
             raise ConfigError("experiment=progressive_distillation trains process=gaussian with process.objective=v "
                               f"(Salimans & Ho 2022) or process=edm, not {model.describe()}")
         if self.cache_latents:
