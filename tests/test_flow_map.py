@@ -32,18 +32,19 @@ MU = torch.linspace(-0.6, 0.8, math.prod(SHAPE), dtype=torch.float64).reshape(SH
 S = 0.5
 
 
-def moments(t: torch.Tensor, s: float = S) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (B, *SHAPE) and std (B, 1, 1, 1) of z_t for x_0 ~ N(MU, s^2 I)."""
+def moments(t: torch.Tensor, s: float = S, mu: torch.Tensor = MU) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (B, *SHAPE) and std (B, 1, 1, 1) of z_t for x_0 ~ N(mu, s^2 I)."""
     t = t.reshape(-1, 1, 1, 1)
-    return (1 - t) * MU, ((1 - t) ** 2 * s**2 + t**2).sqrt()
+    return (1 - t) * mu, ((1 - t) ** 2 * s**2 + t**2).sqrt()
 
 
-def exact_average_velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, s: float = S) -> torch.Tensor:
+def exact_average_velocity(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, s: float = S,
+                           mu: torch.Tensor = MU) -> torch.Tensor:
     """u(z, r, t) = (z - z_r) / (t - r), z_r = m_r + sd_r / sd_t (z - m_t) the flow from t to r (r > t too: the same
-    smooth function); at r = t the velocity -MU + (t - (1 - t) s^2) / sd_t^2 (z - m_t)."""
-    (m_t, sd_t), (m_r, sd_r) = moments(t, s), moments(r, s)
+    smooth function), for data N(mu, s^2 I); at r = t the velocity -mu + (t - (1 - t) s^2) / sd_t^2 (z - m_t)."""
+    (m_t, sd_t), (m_r, sd_r) = moments(t, s, mu), moments(r, s, mu)
     gap = (t - r).reshape(-1, 1, 1, 1)
-    velocity = -MU + (t.reshape(-1, 1, 1, 1) - (1 - t.reshape(-1, 1, 1, 1)) * s**2) / sd_t**2 * (z - m_t)
+    velocity = -mu + (t.reshape(-1, 1, 1, 1) - (1 - t.reshape(-1, 1, 1, 1)) * s**2) / sd_t**2 * (z - m_t)
     z_r = m_r + sd_r / sd_t * (z - m_t)
     return torch.where(gap != 0, (z - z_r) / torch.where(gap != 0, gap, torch.ones_like(gap)), velocity)
 
@@ -228,6 +229,37 @@ def test_guidance_folded_into_meanflow_mixes_in_the_unconditional_velocity():
     assert guided[:2].eq(-17).all() and guided[2].eq(1).all()
     assert torch.equal(MeanFlow().guided_velocity(LabelEcho(), z, t, velocity, {"class_labels": torch.tensor([0, 1, 2])}),
                        velocity)
+
+
+class GaussianFamily(nn.Module):
+    """The exact map of data N(mu, s^2 I) with mu and s learned (from 0 and 1): a model family holding the truth."""
+
+    def __init__(self, time_scale: float):
+        super().__init__()
+        self.time_scale = time_scale
+        self.mu = nn.Parameter(torch.zeros(SHAPE, dtype=torch.float64))
+        self.log_s = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, z, t, *, second_time, class_labels=None, x_self_cond=None):
+        r, t = (t - second_time) / self.time_scale, t / self.time_scale
+        return exact_average_velocity(z, r, t, self.log_s.exp(), self.mu)
+
+
+@pytest.mark.parametrize("process", [MeanFlow(jvp_mode="exact", equal_fraction=0.0), Shortcut(finest_steps=8)],
+                         ids=["meanflow", "shortcut"])
+def test_training_recovers_the_data_in_a_family_holding_the_exact_map(process):
+    """Training the losses (conditional velocities, stop-gradient targets, the JVP) over the exact maps of N(mu, s^2 I)
+    recovers the data's mu and s = 0.5 from mu = 0, s = 1; MeanFlow with r < t throughout, so that its target alone
+    does it (with the sign of (t - r) du/dt flipped, s ends near 0.35)."""
+    net, g = GaussianFamily(process.time_scale), torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(400):
+        x0 = MU + S * torch.randn(256, *SHAPE, generator=g, dtype=torch.float64)
+        loss = process.training_losses(net, x0, g)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert abs(net.log_s.exp().item() - S) < 0.02 and (net.mu - MU).abs().max() < 0.04
 
 
 def test_shortcut_steps_are_powers_of_two_on_their_grid():
