@@ -18,6 +18,7 @@ from conftest import CONFIGS, compose_train, needs_fashion_mnist, run_script
 from test_pipeline import compose_sample
 from diffusion_lab import sample as sample_module
 from diffusion_lab.builders import build_model
+from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.__main__ import main as metrics_main
 from diffusion_lab.metrics.evaluate import data_split
@@ -129,7 +130,7 @@ def test_guided_class_conditional_samples_are_the_same_in_chunks(tmp_path, one_t
     model, ckpt = tiny_checkpoint(tmp_path, ["data.conditional=true", "sampler=ddpm", "sampler.steps=4"])
     out = sample(compose_sample([f"ckpt_path={ckpt}", "num_samples=5", "batch_size=2", "chunk_size=3", "device=cpu",
                                  "class_labels=[1,0]", "guidance_scale=2.0", f"output_dir={tmp_path / 'out'}"]))
-    direct = generate(model, Sampler("ddpm", 4), 5, 5, class_labels=[1, 0], guidance_scale=2.0)
+    direct = generate(model, Sampler("ddpm", 4), 5, 5, class_labels=[1, 0], guidance=Guidance(2.0))
     assert np.array_equal(samples_of(out["samples"].parent), direct.samples)
 
 
