@@ -47,9 +47,14 @@ class Guidance:
     def autoguided(self) -> bool:
         return self.guide_net is not None
 
+    @property
+    def everywhere(self) -> bool:
+        """Whether the interval holds every noise level (the default): no level need be checked."""
+        return self.interval == (0.0, math.inf)
+
     def inside(self, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """Whether each noise level s = sigma / alpha lies in (s_lo, s_hi] (alpha = 0: s = inf)."""
-        level = sigma / nonzero_alphas(alpha) if bool((alpha == 0).any()) else sigma / alpha
+        """Whether each noise level s = sigma / alpha lies in (s_lo, s_hi] (alpha = 0 read as 2^-12)."""
+        level = sigma / nonzero_alphas(alpha)
         return (level > self.interval[0]) & (level <= self.interval[1])
 
     def check_grid(self, alphas: Tensor, sigmas: Tensor) -> None:
@@ -95,16 +100,20 @@ class GuidedDenoiser(nn.Module):
         return net_kwargs if labels is None else {**net_kwargs, "class_labels": labels}
 
     def forward(self, x: Tensor, alpha: Tensor, sigma: Tensor, **net_kwargs) -> DenoiserOutput:
-        inside = self.guidance.inside(alpha.reshape(-1), sigma.reshape(-1)).expand(x.shape[0])
-        if not self.guidance.active or not bool(inside.any()):
+        if not self.guidance.active:
             return self.denoiser(x, alpha, sigma, **self.labelled(self.class_labels, net_kwargs))
+        inside = None  # the default interval: guided everywhere, with no host sync per step
+        if not self.guidance.everywhere:
+            inside = self.guidance.inside(alpha.reshape(-1), sigma.reshape(-1)).expand(x.shape[0])
+            if not bool(inside.any()):
+                return self.denoiser(x, alpha, sigma, **self.labelled(self.class_labels, net_kwargs))
         if self.guide is not None:
             main = self.denoiser(x, alpha, sigma, **self.labelled(self.class_labels, net_kwargs))
             guide = self.guide(x, alpha, sigma, **self.labelled(self.class_labels, net_kwargs))
         else:
             main, guide = self.conditional_and_null(x, alpha, sigma, net_kwargs)
         out = guided(main, guide, self.guidance.scale)
-        return out if bool(inside.all()) else select(inside, out, main)
+        return out if inside is None or bool(inside.all()) else select(inside, out, main)
 
     def conditional_and_null(self, x: Tensor, alpha: Tensor, sigma: Tensor, net_kwargs: dict):
         """D at class_labels and at the null class, from one forward over the batch twice."""
