@@ -216,8 +216,13 @@ class ImageDataModule(LightningDataModule):
         return DataLoader(self.test_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        images, labels = batch
+        """A training batch (images, labels) with random_flip: each image mirrored with probability 1/2, drawn from
+        (seed, rank, step). Anything else passes as it is, also the model summary's example input (forward's
+        arguments, which Lightning hands to this hook as a batch)."""
         trainer = self.trainer
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            return batch
+        images, labels = batch
         if self.random_flip and trainer is not None and trainer.training:
             generator = torch.Generator(images.device).manual_seed(
                 step_seed(self.seed, trainer.global_rank, trainer.global_step, "flip")

@@ -124,6 +124,11 @@ class DiffusionModel(nn.Module):
         return self.process.denoiser(self.net if net is None else net, clip_denoised, guidance, class_labels,
                                      clip_x0=self.clip_x0)
 
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """D(x; sigma): the x_0 estimate for x = x_0 + sigma eps (alpha = 1, Karras et al. 2022's frame), one network
+        evaluation, unclipped (the evaluation Lightning's model summary counts the FLOPs of)."""
+        return self.denoiser(clip_denoised=False, class_labels=class_labels)(x, torch.ones_like(sigma), sigma).x0
+
     def autoguidance(self, guide: "DiffusionModel", scale: float, interval: tuple[float, float] = (0.0, math.inf)
                      ) -> Guidance:
         """Guidance of this model by `guide`, a weaker model of the same task (Karras et al. 2024): ConfigError
@@ -143,17 +148,10 @@ class DiffusionModel(nn.Module):
         return self.grid(sampler.steps, sampler.spacing)
 
     @torch.no_grad()
-    def sample(
-        self,
-        noise: Tensor,
-        sampler: Sampler,
-        callback: Callable | None = None,
-        generator: torch.Generator | None = None,
-        clip_denoised: bool | None = None,
-        guidance: Guidance | None = None,
-        class_labels: Tensor | None = None,
-        noise_sampler: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
+    def sample(self, noise: Tensor, sampler: Sampler, callback: Callable | None = None,
+               generator: torch.Generator | None = None, clip_denoised: bool | None = None,
+               guidance: Guidance | None = None, class_labels: Tensor | None = None,
+               noise_sampler: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """x_0 (float32, in the process's space: latents for latent diffusion) from noise ~ N(0, I) by the sampler
         over a fresh denoiser, started at x = sqrt(alpha^2 + sigma^2) noise of the grid's first point (the marginal
         std for data of unit variance: 1 for DDPM and flow matching, sqrt(1 + sigma_max^2) for EDM, as diffusers'

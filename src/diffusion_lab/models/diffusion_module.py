@@ -56,6 +56,14 @@ class DiffusionModule(LightningModule):
         self.seed, self.run_config, self.cache_latents = seed, run_config or {}, cache_latents
         self.batches_of_moments = cache_latents  # batches hold posterior moments (mean, logvar), not images
         self._first_nonfinite_step: Tensor | None = None  # -1 while every loss is finite
+        # one denoiser evaluation on one sample: Lightning's model summary counts the FLOPs of forward on this
+        smallest, largest = model.level_range()
+        self.example_input_array = (torch.zeros(1, *model.sample_shape), torch.tensor(min(max(1.0, smallest), largest)),
+                                    torch.zeros(1, dtype=torch.long) if model.conditional else None)
+
+    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """D(x; sigma) of the model (`DiffusionModel.forward`)."""
+        return self.model(x, sigma, class_labels)
 
     def _generator(self, *purpose: int | str) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(step_seed(self.seed, *purpose))

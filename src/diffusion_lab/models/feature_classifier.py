@@ -35,10 +35,16 @@ class FeatureClassifierModule(LightningModule):
         self.seed, self.run_config = seed, run_config or {}
         self.test_accuracy: float | None = None
         self._test_accuracy_step = -1
+        shape = model.config["channels"], model.config["image_size"], model.config["image_size"]
+        self.example_input_array = torch.zeros(1, *shape)  # Lightning's model summary counts forward's FLOPs on it
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The class logits of images."""
+        return self.net(images)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
-        logits = self.net(images)
+        logits = self(images)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
         sync = stage != "train"
