@@ -104,3 +104,23 @@ def test_fid_callback_takes_the_extractor_options_of_sample_py():
     callback = compose_train(["callbacks=[default,fid]", "callbacks.fid.classifier_path=CLASSIFIER"]).callbacks.fid
     assert shared <= set(callback) and callback.classifier_path == "CLASSIFIER"
     assert set(OmegaConf.load(CONFIG_DIR / "callbacks" / "fid.yaml").fid) & shared == {"batch_size"}  # its own batch
+
+
+def test_flow_maps_take_the_flow_matching_time_options_declared_once():
+    """MeanFlow and Shortcut declare only their own options (and the defaults they change) and pass the time density,
+    shift, time_scale and label dropout on to FlowMatching; process=meanflow|shortcut still takes each by name, and an
+    unknown key is one line listing them all."""
+    from diffusion_lab.builders import build_process
+    from diffusion_lab.diffusion.flow_matching import FlowMatching
+    from diffusion_lab.utils.errors import ConfigError
+
+    shared = set(inspect.signature(FlowMatching).parameters)
+    for process in ("meanflow", "shortcut"):
+        own = set(inspect.signature(get_class(OmegaConf.load(CONFIG_DIR / "process" / f"{process}.yaml")._target_)).parameters)
+        assert not (own & shared) - {"logit_mean", "time_sampling"}  # only a changed default is declared again
+        built = build_process(compose_train([f"process={process}", "process.logit_std=0.5", "process.shift=2.0",
+                                             "process.mode_scale=0.5", "process.cond_drop_prob=0.2"]))
+        assert (built.logit_std, built.shift, built.mode_scale, built.cond_drop_prob) == (0.5, 2.0, 0.5, 0.2)
+        with pytest.raises(ConfigError, match=r"process.bogus is not an option .* its options are: .*logit_std.*time_scale"):
+            build_process(compose_train([f"process={process}", "+process.bogus=1"]))
+

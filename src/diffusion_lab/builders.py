@@ -21,7 +21,7 @@ def build_process(cfg: Any) -> nn.Module:
     process_cfg, schedule = dict(cfg["process"]), cfg.get("schedule")
     target = process_cfg.get("_target_", "?")
     try:
-        parameters = inspect.signature(get_class(target)).parameters
+        parameters = init_options(get_class(target))
     except (ImportError, ValueError) as error:
         raise ConfigError(f"process._target_={target} cannot be imported: {str(error).splitlines()[0]}") from error
     unknown = [key for key in process_cfg if key != "_target_" and key not in parameters]
@@ -37,6 +37,20 @@ def build_process(cfg: Any) -> nn.Module:
         raise ConfigError(f"schedule is set, but process {target.rsplit('.', 1)[-1]} takes no beta schedule and would "
                           "ignore it: drop the schedule= override (this process's config sets none)")
     return instantiate(process_cfg)
+
+
+def init_options(cls: type) -> list[str]:
+    """The named options of `cls(...)`: its `__init__`'s, and where that passes `**options` on to a base class
+    (MeanFlow and Shortcut to FlowMatching), the base's, through the MRO."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        names += [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return names
 
 
 def backbone_shape(cfg: Any) -> tuple[int, int, int]:

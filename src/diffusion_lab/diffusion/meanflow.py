@@ -27,27 +27,22 @@ class MeanFlow(FlowMap):
     """MeanFlow's loss over the flow map of `FlowMap`; see the module docstring. equal_fraction: the share of the
     batch with r = t; adaptive_power, adaptive_c: p and c of the weight (p = 0: the plain squared error);
     guidance_scale: omega of the guidance folded into training (1: none); jvp_mode, fd_step: how d/dt u is computed
-    (`time_derivative`)."""
+    (`time_derivative`); the time density and the rest are `FlowMatching`'s options (logit mean -0.4 here)."""
 
     name = "meanflow"
 
     def __init__(
         self,
-        time_sampling: str = "logit_normal",
-        logit_mean: float = -0.4,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
         equal_fraction: float = 0.75,
         adaptive_power: float = 1.0,
         adaptive_c: float = 1e-3,
         guidance_scale: float = 1.0,
         jvp_mode: str = "auto",
         fd_step: float = 1e-4,
-        shift: float = 1.0,
-        time_scale: float = 1000.0,
-        cond_drop_prob: float = 0.1,
+        logit_mean: float = -0.4,
+        **flow_matching_options,
     ):
-        super().__init__(time_sampling, logit_mean, logit_std, mode_scale, shift, time_scale, cond_drop_prob)
+        super().__init__(logit_mean=logit_mean, **flow_matching_options)
         if not 0 <= equal_fraction <= 1:
             raise ConfigError(f"process.equal_fraction={equal_fraction} must be a fraction in [0, 1] (the share of r = t)")
         if not (adaptive_power >= 0 and adaptive_c > 0):

@@ -34,23 +34,13 @@ def self_consistency_target(u: AverageVelocity, z: Tensor, t: Tensor, half: Tens
 class Shortcut(FlowMap):
     """The shortcut model's losses over the flow map of `FlowMap`; see the module docstring.
     self_consistency_fraction: the share of the batch under self-consistency; finest_steps: 1 / the finest half step
-    (a power of two; 128 in the paper)."""
+    (a power of two; 128 in the paper); the time density and the rest are `FlowMatching`'s options (uniform t here)."""
 
     name = "shortcut"
 
-    def __init__(
-        self,
-        time_sampling: str = "uniform",
-        logit_mean: float = 0.0,
-        logit_std: float = 1.0,
-        mode_scale: float = 1.29,
-        self_consistency_fraction: float = 0.25,
-        finest_steps: int = 128,
-        shift: float = 1.0,
-        time_scale: float = 1000.0,
-        cond_drop_prob: float = 0.1,
-    ):
-        super().__init__(time_sampling, logit_mean, logit_std, mode_scale, shift, time_scale, cond_drop_prob)
+    def __init__(self, self_consistency_fraction: float = 0.25, finest_steps: int = 128, time_sampling: str = "uniform",
+                 **flow_matching_options):
+        super().__init__(time_sampling=time_sampling, **flow_matching_options)
         if not 0 <= self_consistency_fraction <= 1:
             raise ConfigError(f"process.self_consistency_fraction={self_consistency_fraction} must be in [0, 1]")
         if not (isinstance(finest_steps, int) and finest_steps >= 2 and finest_steps & (finest_steps - 1) == 0):
