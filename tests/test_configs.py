@@ -124,3 +124,19 @@ def test_flow_maps_take_the_flow_matching_time_options_declared_once():
         with pytest.raises(ConfigError, match=r"process.bogus is not an option .* its options are: .*logit_std.*time_scale"):
             build_process(compose_train([f"process={process}", "+process.bogus=1"]))
 
+
+def test_backbone_configs_leave_the_shape_to_the_builder():
+    """A backbone's channels, image size, output channels and classes have one source, `build_net` (the data's, or
+    the first stage's latents): no model config declares one, naming one is a one-line error, and an old checkpoint
+    whose config declared them loads without them."""
+    from diffusion_lab.builders import BUILDER_SET
+    from diffusion_lab.utils.checkpoint import load_checkpoint
+    from diffusion_lab.utils.errors import ConfigError
+
+    standalone = {"autoencoder_kl", "feature_classifier"}  # trained alone; their config is their whole build
+    for option in sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")):
+        assert not set(BUILDER_SET) & option_keys("model", option) or option in standalone, option
+    with pytest.raises(ConfigError, match="model.channels is set by the builder .* drop model.channels"):
+        build_model(compose_train(["+model.channels=3"]))
+    old = load_checkpoint(ROOT / "tests" / "fixtures" / "ddpm_v1.ckpt")
+    assert not set(BUILDER_SET) & set(old["config"]["model"]) and old["config"]["model"]["dim"] == 8

@@ -39,6 +39,9 @@ def build_process(cfg: Any) -> nn.Module:
     return instantiate(process_cfg)
 
 
+BUILDER_SET = ("channels", "image_size", "out_channels", "num_classes")  # what build_net gives a backbone
+
+
 def init_options(cls: type) -> list[str]:
     """The named options of `cls(...)`: its `__init__`'s, and where that passes `**options` on to a base class
     (MeanFlow and Shortcut to FlowMatching), the base's, through the MRO."""
@@ -89,14 +92,29 @@ def second_time_option(cfg: Any, process: nn.Module | None) -> dict:
     return {"second_time": True}
 
 
-def build_net(cfg: Any, process: nn.Module | None = None) -> nn.Module:
-    """The network of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs
-    (as many as it takes without one: the autoencoder and the feature classifier), for class-conditional data the
-    number of classes, and a second time where the process needs one (`second_time_option`)."""
+def build_net(cfg: Any, process: nn.Module) -> nn.Module:
+    """The backbone of `cfg.model` for inputs of `backbone_shape(cfg)`, with the output channels the process needs,
+    for class-conditional data the number of classes, and a second time where the process needs one
+    (`second_time_option`). The builder alone sets these (`BUILDER_SET`): a model config naming one is a one-line
+    error, since the value would not be what builds (under latent diffusion the shape is the latents')."""
+    named = [key for key in BUILDER_SET if key in cfg["model"]]
+    if named:
+        raise ConfigError(f"model.{named[0]} is set by the builder (channels and image_size from data.channels and "
+                          "data.image_size, or the first stage's latents; out_channels from the process; num_classes "
+                          f"from data.num_classes when data.conditional=true): drop model.{named[0]}")
     channels, image_size, _ = backbone_shape(cfg)
-    out_channels = process.output_channels(channels) if process is not None else channels
-    return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=out_channels,
+    return instantiate(cfg["model"], channels=channels, image_size=image_size, out_channels=process.output_channels(channels),
                        num_classes=num_classes(cfg), **second_time_option(cfg, process))
+
+
+def build_standalone_net(cfg: Any) -> nn.Module:
+    """The network that an autoencoder or a feature-classifier run trains, exactly as `cfg.model` says: its config
+    takes channels and image_size from `${data.*}` itself, so that the checkpoint's model config alone rebuilds it
+    (the first stage of latent diffusion, the classifier of FID). Such a network takes no class conditioning."""
+    if cfg["data"].get("conditional", False):
+        raise ConfigError(f"data.conditional=true does not apply to {cfg['model']['_target_'].rsplit('.', 1)[-1]}, "
+                          "which takes no class; set data.conditional=false")
+    return instantiate(cfg["model"])
 
 
 def to_memory_format(net: nn.Module, channels_last: bool | str | None, device: torch.device) -> None:

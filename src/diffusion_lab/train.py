@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from diffusion_lab.builders import build_model, build_net, to_memory_format
+from diffusion_lab.builders import build_model, build_standalone_net, to_memory_format
 from diffusion_lab.metrics.encoders import load_patch_encoder
 from diffusion_lab.models.diffusion_module import DiffusionModule
 from diffusion_lab.models.representation import RepresentationTerms
@@ -235,7 +235,7 @@ def fit(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     datamodule = instantiate(cfg.data)
     diffusion = issubclass(get_class(cfg.module._target_), DiffusionModule)
-    model = build_model(cfg) if diffusion else build_net(cfg)  # the autoencoder and the classifier train a network
+    model = build_model(cfg) if diffusion else build_standalone_net(cfg)  # the autoencoder and the classifier
     if diffusion:
         check_sampler(model, instantiate(cfg.sampler))
     if cfg.compile:

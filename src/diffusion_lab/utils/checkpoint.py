@@ -61,7 +61,14 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
 
 def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """A diffusion checkpoint of format 1 (weights under net. and first_stage.) brought to the current format, in
-    place: the weights move under model. (the model object). Other checkpoints (autoencoders) are left as they are."""
+    place: the weights move under model. (the model object). The backbone config of a diffusion checkpoint loses
+    `channels` / `image_size`, which configs declared as the data's before the builder became their one source (it
+    always passed its own: the data's, or under latent diffusion the latents'). Autoencoder and feature-classifier
+    checkpoints, whose model config is their whole build, are left as they are."""
+    model = checkpoint.get("config", {}).get("model")
+    if isinstance(model, dict) and not {"first_stage", "feature_classifier"} & set(checkpoint):
+        for key in ("channels", "image_size"):
+            model.pop(key, None)
     module = str(checkpoint.get("config", {}).get("module", {}).get("_target_", ""))
     if checkpoint.get("format_version", 1) == 1 and module.endswith(("DiffusionModule", "LatentDiffusionModule")):
         for key in ("state_dict", "current_model_state"):

@@ -50,8 +50,7 @@ class ResBlock(nn.Module):
 class AutoencoderKL(nn.Module):
     """Encoder: conv, then per level `num_res_blocks` ResBlocks and a stride-2 conv (log2(factor) times), a middle
     ResBlock, norm, conv to 2 * latent_channels moments. Decoder: the mirror, with nearest x2 + conv upsampling.
-    Level widths are dim * 2^level. `out_channels` / `num_classes` are the backbone builder's arguments: an
-    autoencoder reconstructs its input channels and takes no class."""
+    Level widths are dim * 2^level."""
 
     def __init__(
         self,
@@ -62,12 +61,8 @@ class AutoencoderKL(nn.Module):
         dim: int = 32,
         num_res_blocks: int = 1,
         groups: int = 8,
-        out_channels: int | None = None,
-        num_classes: int | None = None,
     ):
         super().__init__()
-        if num_classes is not None:
-            raise ConfigError("data.conditional=true does not apply to model=autoencoder_kl; set data.conditional=false")
         if factor not in FACTORS:
             raise ConfigError(f"model.factor={factor} is not allowed; choose one of {', '.join(map(str, FACTORS))}")
         if image_size % factor:

@@ -8,8 +8,7 @@ from diffusion_lab.utils.errors import ConfigError
 
 class ClassifierNet(nn.Module):
     """[conv3x3-BN-ReLU x2, maxpool 2] per width, flatten, linear to `feature_dim` (the features), ReLU, dropout,
-    linear to `num_labels` logits. `out_channels` / `num_classes` are the backbone builder's arguments (diffusion
-    output, class conditioning): a classifier uses neither."""
+    linear to `num_labels` logits."""
 
     def __init__(
         self,
@@ -19,12 +18,8 @@ class ClassifierNet(nn.Module):
         widths: tuple[int, ...] = (16, 32),
         feature_dim: int = 128,
         dropout: float = 0.3,
-        out_channels: int | None = None,
-        num_classes: int | None = None,
     ):
         super().__init__()
-        if num_classes is not None:
-            raise ConfigError("data.conditional=true does not apply to model=feature_classifier; set data.conditional=false")
         if image_size % 2 ** len(widths):
             raise ConfigError(
                 f"model.widths={list(widths)} halves the image {len(widths)} times, but data.image_size={image_size} "
