@@ -62,3 +62,39 @@ def test_fid_callback_defaults_to_the_shipped_classifier_for_its_data(tmp_path):
     module.run_config["data"] = {"dataset": "cifar10", "image_size": 32, "channels": 3}
     with pytest.raises(ConfigError, match="classifier_path=null"):
         FID(dirpath=str(tmp_path)).setup(None, module, "fit")
+
+
+def test_fid_callback_scores_as_sample_py_does(tmp_path, monkeypatch):
+    """The same samples against the same real images give the callback's val/fid and protocol exactly as
+    `score_samples` (sample.py metrics=[fid], the metrics CLI, the sweep) gives them: one code path, the callback
+    building neither extractor nor real features of its own."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import diffusion_lab.callbacks.fid as fid_module
+    from diffusion_lab.callbacks.fid import FID
+    from diffusion_lab.metrics.evaluate import score_samples
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    samples = torch.randint(0, 256, (12, 8, 8, 1), dtype=torch.uint8, generator=generator).numpy()
+    options = {"extractor": "classifier", "classifier_path": classifier_checkpoint(tmp_path / "clf.ckpt", 8),
+               "weights_path": None, "real_split": "test", "cache_dir": str(tmp_path / "cache"), "batch_size": 5,
+               "fid": {}, "kid": {"subsets": 100, "subset_size": 1000}}
+    expected = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), real, options, torch.device("cpu"))
+
+    monkeypatch.setattr(fid_module, "generate", lambda *args, **kwargs: SimpleNamespace(samples=samples))
+    callback = FID(str(tmp_path / "metrics"), num_samples=12, batch_size=5, classifier_path=options["classifier_path"],
+                   cache_dir=options["cache_dir"], kid=True, sampler=SimpleNamespace(steps=1, evaluations_used=1))
+    split = SimpleNamespace(images=real, labels=torch.zeros(40))
+    datamodule = SimpleNamespace(setup=lambda stage: None, train_set=None, val_set=None, test_set=split)
+    module = SimpleNamespace(run_config={"data": {"dataset": "folder"}}, device=torch.device("cpu"),
+                             model=SimpleNamespace(conditional=False), log=lambda *args, **kwargs: None)
+    trainer = SimpleNamespace(callbacks=[], global_rank=0, world_size=1, global_step=2, loggers=[], datamodule=datamodule)
+    callback.setup(trainer, module, "fit")
+    scores = callback.evaluate(trainer, module)
+    assert scores == {name: value for name, value in expected.items() if name != "protocol"} and "kid_mean" in scores
+    written = json.loads((tmp_path / "metrics" / "scores.jsonl").read_text())["protocol"]
+    assert {key: written[key] for key in expected["protocol"]} == expected["protocol"]
+    source = Path(fid_module.__file__).read_text()
+    assert not any(name in source for name in ("real_features(", "build_extractor(", "SampleScores("))

@@ -10,10 +10,9 @@ from lightning import Callback, LightningModule, Trainer
 
 from diffusion_lab.callbacks.ema import averaged_or_current
 from diffusion_lab.generate import generate
-from diffusion_lab.metrics.evaluate import split_images
-from diffusion_lab.metrics.extractors import build_extractor, shipped_classifier
+from diffusion_lab.metrics.evaluate import add_real_images, sample_scores, split_images
+from diffusion_lab.metrics.extractors import classifier_path_for
 from diffusion_lab.metrics.nll import bits_per_dim, bound_protocol, check_bound
-from diffusion_lab.metrics.real_features import real_features
 from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.models.diffusion_model import DiffusionModel
 from diffusion_lab.samplers import Sampler
@@ -24,7 +23,9 @@ from diffusion_lab.utils.seeding import step_seed
 class FID(Callback):
     """Every `every_n_steps` optimizer steps: `num_samples` samples with `sampler` (None: the run's own) from the
     EMA weights, shared among the ranks (rank r draws samples r, r + W, ...: exactly N in all), scored against
-    the features of the `real_split` images (computed once on rank 0 and cached in `cache_dir`). Logs `val/fid`
+    the features of the `real_split` images (computed once on rank 0 and cached in `cache_dir`), by the functions
+    and options (configs/metrics/common.yaml) that score sample.py's samples: `sample_scores`, `add_real_images`,
+    the data set's shipped classifier where `classifier_path` is null. Logs `val/fid`
     and `val/fid_num_samples` (a small N gives a biased, higher FID: a proxy to compare runs, not the paper
     number), `val/kid_mean` when `kid`, `val/nll_bpd` over the first `nll_images` real images when > 0; appends
     each evaluation with its protocol to `<dirpath>/scores.jsonl`."""
@@ -52,9 +53,10 @@ class FID(Callback):
                 raise ConfigError(f"callbacks.fid.{key}={value} must be an integer >= {low}")
         self.dirpath, self.every_n_steps, self.num_samples = Path(dirpath), every_n_steps, num_samples
         self.batch_size, self.sampler, self.real_split = batch_size, sampler, real_split
-        self.extractor_args = (extractor, weights_path, classifier_path)
-        self.cache_dir, self.kid, self.nll_images, self.nll_variance = Path(cache_dir).expanduser(), kid, nll_images, nll_variance
-        self.seed = seed
+        self.options = {"extractor": extractor, "classifier_path": classifier_path, "weights_path": weights_path,
+                        "real_split": real_split, "cache_dir": cache_dir, "batch_size": batch_size, "fid": {},
+                        **({"kid": {}} if kid else {})}  # sample.py's metrics=[fid] (and kid) options
+        self.nll_images, self.nll_variance, self.seed = nll_images, nll_variance, seed
         self.scores: SampleScores | None = None
         self.protocol: dict = {}
         self._last_step = -1
@@ -63,11 +65,9 @@ class FID(Callback):
         if self.nll_images:
             check_bound(pl_module.model)  # at the start, not at the first evaluation
         if self.scores is None:
-            extractor_name, weights_path, classifier_path = self.extractor_args
-            if extractor_name == "classifier" and classifier_path is None:  # the shipped one, where it fits the data
-                classifier_path = shipped_classifier(pl_module.run_config.get("data", {}))
-            extractor = build_extractor(extractor_name, weights_path, classifier_path)
-            self.scores = SampleScores(extractor, ("fid", "kid") if self.kid else ("fid",))
+            data = pl_module.run_config.get("data", {})
+            self.options["classifier_path"] = classifier_path_for(self.options, data)
+            self.scores = sample_scores(self.options)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -75,15 +75,12 @@ class FID(Callback):
             self._last_step = step
             self.evaluate(trainer, pl_module)
 
-    def _add_real_features(self, trainer: Trainer) -> None:
+    def _add_real_images(self, trainer: Trainer) -> None:
         """Real features into the metrics, on global rank 0 only (the states are summed over ranks)."""
         images, _ = split_images(trainer.datamodule, self.real_split)
         self.protocol.update(real_split=self.real_split, real_size=len(images))
         if trainer.global_rank == 0:
-            real = real_features(self.scores.extractor, images, self.cache_dir, self.batch_size, self.scores.device)
-            self.scores.add_real(real.features)
-            self.protocol.update(real_data_hash=real.data_hash, extractor=self.scores.extractor.name,
-                                 extractor_hash=real.extractor_hash)
+            self.protocol.update(add_real_images(self.scores, images, self.options, self.scores.device))
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
@@ -91,7 +88,7 @@ class FID(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         self.scores.to(pl_module.device)
         if not self.protocol:
-            self._add_real_features(trainer)
+            self._add_real_images(trainer)
         self.scores.reset()
 
         sampler = self.sampler if self.sampler is not None else instantiate(pl_module.run_config["sampler"])

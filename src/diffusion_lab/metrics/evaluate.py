@@ -38,30 +38,37 @@ def extractor_from(options: Mapping) -> nn.Module:
     return build_extractor(options["extractor"], options.get("weights_path"), options.get("classifier_path"))
 
 
-def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device: torch.device, seed: int = 0) -> dict:
-    """FID / KID / precision-recall / IS / sFID (those of SAMPLE_METRICS present as keys of `options`) of uint8
-    samples (N, C, H, W) against `real_images`, every sample scored once; the scores and their protocol."""
+def sample_scores(options: Mapping) -> SampleScores:
+    """The metrics of SAMPLE_METRICS present as keys of `options` (configs/metrics, its classifier_path resolved by
+    `classifier_path_for`), over the extractor they name: sample.py, `python -m diffusion_lab.metrics`, the sweep
+    and the FID callback all score through this one and `add_real_images`."""
     names = tuple(name for name in SAMPLE_METRICS if name in options)
     extractor = extractor_from(options)
     kid, prec_recall, inception_score = (options.get(name) or {} for name in ("kid", "prec_recall", "is"))
-    scores = SampleScores(extractor, names, kid.get("subsets", 100), kid.get("subset_size", 1000), prec_recall.get("k", 3),
-                          inception_score.get("splits", 10))
-    scores = scores.to(device)
+    return SampleScores(extractor, names, kid.get("subsets", 100), kid.get("subset_size", 1000), prec_recall.get("k", 3),
+                        inception_score.get("splits", 10))
+
+
+def add_real_images(scores: SampleScores, real_images: Tensor, options: Mapping, device: torch.device) -> dict:
+    """The extractor's features of `real_images` (uint8, cached in `options["cache_dir"]`) into `scores`; the
+    protocol of that comparison: which split, how many images, their hash, the extractor and its weights' hash."""
     cache_dir = Path(options["cache_dir"]).expanduser()
     for output in scores.real_inputs:
-        real = real_features(extractor, real_images, cache_dir, options["batch_size"], device, output)
+        real = real_features(scores.extractor, real_images, cache_dir, options["batch_size"], device, output)
         scores.add_real(real.features, output)
+    return {"real_split": options["real_split"], "real_size": len(real_images), "real_data_hash": data_hash(real_images),
+            "extractor": scores.extractor.name, "extractor_hash": weights_hash(scores.extractor)}
+
+
+def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device: torch.device, seed: int = 0) -> dict:
+    """FID / KID / precision-recall / IS / sFID (`sample_scores`) of uint8 samples (N, C, H, W) against
+    `real_images`, every sample scored once; the scores and their protocol."""
+    scores = sample_scores(options).to(device)
+    protocol = {"num_samples": len(samples), **add_real_images(scores, real_images, options, device)}
     for batch in samples.split(options["batch_size"]):
         scores.update(batch)
-    protocol = {
-        "num_samples": len(samples),
-        "real_split": options["real_split"],
-        "real_size": len(real_images),
-        "real_data_hash": data_hash(real_images),
-        "extractor": extractor.name,
-        "extractor_hash": weights_hash(extractor),
-        **({"is_splits": scores.metrics["is"].splits} if "is" in names else {}),
-    }
+    if "is" in scores.metrics:
+        protocol["is_splits"] = scores.metrics["is"].splits
     return {**scores.compute(seed), "protocol": protocol}
 
 
@@ -127,9 +134,7 @@ def check_scoring(options: Mapping, data_config: Mapping, num_samples: int) -> N
     if not needs_samples(options):
         return
     check_sample_count(options, num_samples)
-    options = {**options, "classifier_path": classifier_path_for(options, data_config)}
-    splits = (options.get("is") or {}).get("splits", 10)
-    SampleScores(extractor_from(options), tuple(name for name in SAMPLE_METRICS if name in options), is_splits=splits)
+    sample_scores({**options, "classifier_path": classifier_path_for(options, data_config)})
 
 
 def write_scores(
