@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from diffusion_lab.metrics.evaluate import data_split, score_samples
 from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
-from diffusion_lab.config import CONFIG_DIR
+from diffusion_lab.config import config_option
 from diffusion_lab.utils.checkpoint import load_checkpoint
 from diffusion_lab.utils.media import to_uint8
 
@@ -34,7 +34,7 @@ from diffusion_lab.utils.media import to_uint8
 
 def configured_sampler(name: str, nfe: int) -> Sampler:
     """The sampler of configs/sampler/<name>.yaml with as many steps as fit in `nfe` evaluations."""
-    config = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "sampler" / f"{name}.yaml"), resolve=False)
+    config = OmegaConf.to_container(config_option("sampler", name), resolve=False)
     options = {k: v for k, v in config.items() if k not in ("_target_", "algorithm", "steps", "spacing")}
     steps = (nfe + 1) // 2 if config["algorithm"] in ("heun", "edm") else nfe
     return Sampler(config["algorithm"], steps, config["spacing"], **options)

@@ -90,12 +90,24 @@ def test_module_group_options_are_lightning_modules(option):
 
 def test_every_program_finds_its_config_through_the_one_helper():
     """train.py, sample.py, the `python -m` programs and the benchmarks compose through diffusion_lab/config.py alone: no other
-    Hydra entry point, compose call or path to configs/ of its own."""
-    own_mechanism = ("hydra.main(", "initialize_config_dir(", "compose(", '/ "configs"')
+    Hydra entry point, compose call, path to configs/ or read of CONFIG_DIR of its own; outside a source checkout
+    (no configs/ beside src/) the helper ends in one line naming the install that has them."""
+    from diffusion_lab import config
+    from diffusion_lab.utils.errors import ConfigError
+
+    own_mechanism = ("hydra.main(", "initialize_config_dir(", "compose(", '/ "configs"', "CONFIG_DIR")
     sources = [*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
     offenders = [f"{path.relative_to(ROOT)}: {needle}" for path in sources if path.relative_to(ROOT) != Path("src/diffusion_lab/config.py")
                  for needle in own_mechanism if needle in path.read_text()]
     assert not offenders
+    assert config.config_option("sampler", "ddim").algorithm == "ddim"
+    with pytest.raises(ConfigError, match="sampler=nope is not a sampler config; choose one of .*ddim"):
+        config.config_option("sampler", "nope")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "CONFIG_DIR", ROOT / "no-configs")
+        for read in (lambda: config.compose_config("train", []), lambda: config.config_option(None, "sample")):
+            with pytest.raises(ConfigError, match="runs from a source checkout.*pip install -e ."):
+                read()
 
 
 def test_fid_callback_takes_the_extractor_options_of_sample_py():

@@ -1,8 +1,13 @@
 """The one config mechanism of every command-line program: `hydra_main` (Hydra apps: train.py, sample.py,
 `python -m diffusion_lab.data.prepare`) and `compose_config` (programs with arguments of their own:
 `python -m diffusion_lab.metrics`, the benchmarks) both read `CONFIG_DIR` with the project's OmegaConf resolvers
-registered (`register_resolvers`), and end a bad input in one clear error line. The resolvers read the first stage
-and the prepared shards, so this module stands above the model object and the data."""
+registered (`register_resolvers`), and end a bad input in one clear error line; `config_option` reads one option
+file of a group as written (sample.py's own keys, the sweep's `sampler=NAME`). The resolvers read the first stage
+and the prepared shards, so this module stands above the model object and the data.
+
+`CONFIG_DIR` is the repository's `configs/`, found beside `src/`: the commands run from a source checkout (the
+README's `pip install -e .`, or `PYTHONPATH=src`). A wheel or non-editable install carries no configs (they are
+not package data); `config_option` and `compose_config` then end in one line saying so."""
 
 import os
 from collections.abc import Callable
@@ -16,8 +21,28 @@ from omegaconf import DictConfig, OmegaConf
 from diffusion_lab.data.shards import read_meta
 from diffusion_lab.models.first_stage import autoencoder_config, load_autoencoder_checkpoint, vae_config
 from diffusion_lab.utils.cli import one_line_errors
+from diffusion_lab.utils.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (installed editable from src/)
+
+
+def config_dir() -> Path:
+    """`CONFIG_DIR`, or a ConfigError where it is absent (a non-editable install)."""
+    if not CONFIG_DIR.is_dir():
+        raise ConfigError(f"no configs/ at {CONFIG_DIR}: diffusion-lab runs from a source checkout; clone the "
+                          "repository and install it with pip install -e .")
+    return CONFIG_DIR
+
+
+def config_option(group: str | None, name: str) -> DictConfig:
+    """configs/<group>/<name>.yaml (configs/<name>.yaml for no group) as written, its defaults list included; for
+    an option that does not exist, a ConfigError naming the group's options."""
+    folder = config_dir() / group if group else config_dir()
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        choices = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"{group}={name} is not a {group} config; choose one of {choices}")
+    return OmegaConf.load(path)
 
 
 def wandb_mode() -> str:
@@ -99,5 +124,5 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
     it for the command line."""
     register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name, overrides=overrides)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
 from diffusion_lab.builders import load_model
-from diffusion_lab.config import CONFIG_DIR
+from diffusion_lab.config import config_option
 from diffusion_lab.diffusion.consistency import Consistency
 from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.generate import generate
@@ -93,7 +93,7 @@ def finished(output_dir: Path, record: dict) -> bool:
 
 def check_options(cfg: DictConfig) -> None:
     """One line for each option of sample.yaml given a value it cannot take, and for a key it does not have."""
-    defaults = OmegaConf.load(CONFIG_DIR / "sample.yaml")
+    defaults = config_option(None, "sample")
     groups = {key for entry in defaults.defaults if not isinstance(entry, str) for key in entry if " " not in key}
     unknown = sorted(set(cfg) - set(defaults) - groups)
     if unknown:

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from diffusion_lab.builders import load_model
-from diffusion_lab.config import CONFIG_DIR, compose_config
+from diffusion_lab.config import compose_config, config_option
 from diffusion_lab.diffusion.guidance import Guidance
 from diffusion_lab.ema.snapshots import reconstruct_checkpoint
 from diffusion_lab.generate import generate
@@ -91,11 +91,7 @@ def sampler_of(checkpoint_config: dict, name: str | None, steps: int | None):
     """The checkpoint's own sampler, or configs/sampler/<name>.yaml, with `steps` steps when given."""
     config = OmegaConf.create(checkpoint_config)
     if name is not None:
-        path = CONFIG_DIR / "sampler" / f"{name}.yaml"
-        if not path.is_file():
-            choices = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
-            raise ConfigError(f"sampler={name} is not a sampler config; choose one of {choices}")
-        config.sampler = OmegaConf.load(path)
+        config.sampler = config_option("sampler", name)
     if steps is not None:
         config.sampler.steps = steps
     return instantiate(OmegaConf.to_container(config.sampler, resolve=True))
