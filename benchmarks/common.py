@@ -13,6 +13,11 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return compose_config("train", overrides)
 
 
+def sampling_device() -> torch.device:
+    """Where the benchmarks sample: the GPU where there is one (scoring stays on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
 

@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's stated peak, for a second fraction")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="also print the top K ops by self time over one pass of the plain loop (torch.profiler)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow options, as in the examples above
     apply_threads(args.threads)
     cfg = compose_train(args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
