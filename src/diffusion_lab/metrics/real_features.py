@@ -53,7 +53,7 @@ def real_features(
     tag = extractor.name if output == "features" else f"{extractor.name}_{output}"
     path = Path(cache_dir) / f"{tag}-{extractor_hash}-{images_hash}.pt"
     if path.is_file():
-        return RealFeatures(torch.load(path, map_location="cpu"), extractor_hash, images_hash, True)
+        return RealFeatures(torch.load(path, map_location="cpu", weights_only=True), extractor_hash, images_hash, True)
     features = extract_features(extractor, images, batch_size, device, output)
     with atomic_path(path) as temporary:
         torch.save(features, temporary)

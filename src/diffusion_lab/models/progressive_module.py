@@ -68,14 +68,14 @@ class ProgressiveDistillationModule(DiffusionModule):
         and the optimizer starts afresh."""
         stage = int(self.stage)
         if stage < len(self.stage_steps) - 1 and self.global_step >= (stage + 1) * self.steps_per_stage:
-            self.trainer.save_checkpoint(self.stage_path(stage))
+            self.trainer.save_checkpoint(self.stage_path(stage), weights_only=False)  # whole: a stage resumes and samples
             self.teacher_net.load_state_dict(self.model.backbone_state())
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()
             self.stage += 1
 
     def on_train_end(self) -> None:
-        self.trainer.save_checkpoint(self.stage_path(int(self.stage)))
+        self.trainer.save_checkpoint(self.stage_path(int(self.stage)), weights_only=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
