@@ -23,10 +23,10 @@ from diffusion_lab.models.components.classifier import ClassifierNet
 from diffusion_lab.utils.errors import ConfigError
 
 
-def save_classifier(path, seed: int) -> str:
+def save_classifier(path, seed: int, image_size: int = 16) -> str:
     """A feature_classifier checkpoint (random weights) as FeatureClassifierModule writes it."""
     torch.manual_seed(seed)
-    net = ClassifierNet(channels=1, image_size=16, widths=(8,), feature_dim=16)
+    net = ClassifierNet(channels=1, image_size=image_size, widths=(8,), feature_dim=16)
     for module in net.modules():  # non-trivial BatchNorm statistics
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.1, 0.1)

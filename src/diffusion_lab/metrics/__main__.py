@@ -14,7 +14,7 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.metrics.evaluate import check_sample_count, data_split, extractor_from, score_samples
+from diffusion_lab.metrics.evaluate import check_sample_count, data_split, extractor_from, score_samples, write_merged
 from diffusion_lab.metrics.extractors import classifier_path_for, data_option, weights_hash
 from diffusion_lab.metrics.real_features import extract_features, real_features
 from diffusion_lab.metrics.reference_stats import feature_stats, frechet_distance, read_npz, read_stats, write_stats
@@ -22,7 +22,6 @@ from diffusion_lab.metrics.scores import SAMPLE_METRICS
 from diffusion_lab.config import compose_config
 from diffusion_lab.utils.cli import one_line_errors
 from diffusion_lab.utils.errors import ConfigError
-from diffusion_lab.utils.io import atomic_path
 
 OPTIONS = ("ref", "write_ref", "output")
 
@@ -58,10 +57,10 @@ def score(samples_path: str, cfg: DictConfig) -> dict:
         fake = feature_stats(extract_features(extractor, samples, options["batch_size"], device))
         return {"fid": frechet_distance(*fake, mu, sigma), "protocol": {
             "num_samples": len(samples), "reference": str(cfg.ref), "extractor": extractor.name,
-            "extractor_hash": weights_hash(extractor), "samples": str(samples_path)}}
+            "extractor_hash": weights_hash(extractor), "samples": str(Path(samples_path).resolve())}}
     images, _ = data_split(data, options["real_split"])
     result = score_samples(samples, images, options, device, cfg.seed)
-    result["protocol"]["samples"] = str(samples_path)
+    result["protocol"]["samples"] = str(Path(samples_path).resolve())
     if cfg.get("write_ref"):
         extractor = extractor_from(options)
         real = real_features(extractor, images, Path(options["cache_dir"]).expanduser(), options["batch_size"], device)
@@ -84,8 +83,7 @@ def main(argv: list[str]) -> None:
         raise ConfigError("data=NAME is needed: the data set the samples are compared with (e.g. data=fashion_mnist)")
     result = score(argv[0], cfg)
     if cfg.get("output"):
-        with atomic_path(cfg.output) as tmp:
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        result = write_merged(Path(cfg.output), result, "choose another output=")
     print(json.dumps(result, indent=2))
 
 

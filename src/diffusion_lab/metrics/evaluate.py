@@ -69,6 +69,10 @@ def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device
         scores.update(batch)
     if "is" in scores.metrics:
         protocol["is_splits"] = scores.metrics["is"].splits
+    if "kid" in scores.metrics:
+        protocol.update(kid_subsets=scores.metrics["kid"].subsets, kid_subset_size=scores.metrics["kid"].max_subset_size)
+    if "prec_recall" in scores.metrics:
+        protocol["prec_recall_k"] = scores.metrics["prec_recall"].k
     return {**scores.compute(seed), "protocol": protocol}
 
 
@@ -157,16 +161,48 @@ def write_scores(
     result: dict[str, Any] = {}
     if needs_samples(options):
         scored = score_samples(torch.from_numpy(samples).permute(0, 3, 1, 2), images, options, device, seed)
-        scored["protocol"].update(sampler=str(sampler), steps=sampler.steps, network_evaluations=sampler.evaluations_used,
-                                  seed=seed, checkpoint=str(ckpt_path))
+        drawn = {"network_evaluations": sampler.evaluations_used} if sampler.evaluations_used else {}  # 0: found done
+        scored["protocol"].update(sampler=str(sampler), steps=sampler.steps, **drawn, seed=seed,
+                                  checkpoint=str(Path(ckpt_path).resolve()))
         result.update(scored)
     if "nll" in options:
         count = options["nll"]["num_images"]
         conditional = data_config.get("conditional", False)
         bound = nll_bits_per_dim(model, images[:count], options, device, seed, labels[:count] if conditional else None)
         result.update(nll_bpd=bound["nll_bpd"], nll_bpd_stderr=bound["nll_bpd_stderr"],
-                      nll_protocol={**bound["protocol"], "checkpoint": str(ckpt_path)})
+                      nll_protocol={**bound["protocol"], "checkpoint": str(Path(ckpt_path).resolve())})
     path = Path(output_dir) / "metrics.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_merged(path, result, "choose another output_dir")
     return path
+
+
+PROTOCOLS = ("protocol", "nll_protocol")  # the settings of the sample scores and of the likelihood bound
+# settings of one metric, or of how the samples were drawn and named, that a protocol may lack; the others (what the
+# samples are compared with, by which extractor, how many) every scoring records
+ONE_SIDED = {"is_splits", "kid_subsets", "kid_subset_size", "prec_recall_k", "network_evaluations", "samples",
+             "sampler", "steps", "seed", "checkpoint"}
+
+
+def write_merged(path: Path, result: dict, elsewhere: str) -> dict:
+    """Writes `result` into the metrics.json at `path` beside the scores already there, none of which is replaced:
+    a score there stays, new ones join it. ConfigError (one line, nothing written) when the protocols differ in a
+    setting (one that either lacks counts unless it is in ONE_SIDED); `elsewhere`: where scores of other settings
+    can go. Returns what was written."""
+    merged = result
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as error:
+            raise ConfigError(f"{path} is not a metrics.json ({error}); {elsewhere}, or move it away") from error
+        for key in PROTOCOLS:
+            there, here = saved.get(key, {}), result.get(key, {})
+            differing = sorted(name for name in there.keys() | here.keys() if there.get(name) != here.get(name)
+                               and (name in there and name in here or name not in ONE_SIDED))
+            if differing:
+                raise ConfigError(f"{path} holds scores of other settings ("
+                                  + "; ".join(f"{name}: {there.get(name)} there, {here.get(name)} here" for name in differing)
+                                  + f"); {elsewhere}, or delete it to score these")
+        merged = {**result, **saved, **{key: {**result.get(key, {}), **saved[key]} for key in PROTOCOLS if key in saved}}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
