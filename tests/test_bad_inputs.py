@@ -192,6 +192,11 @@ CASES = [
      CONFIG_ERROR, ["index.json is unreadable"]),
     ("train-shards-cut-short", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/shards_cut_short"],
      CONFIG_ERROR, ["chunk-0-0.bin holds", "cut short"]),
+    ("train-shards-train-flipped-in-workers", "train.py", [*TINY_TRAIN, "data=shards", "data.num_workers=2",
+     "data.root={ws}/shards_train_flipped"], CONFIG_ERROR, ["shards_train_flipped/train cannot be decoded", "damaged",
+                                                            "python -m diffusion_lab.data.prepare"]),
+    ("train-shards-train-header", "train.py", [*TINY_TRAIN, "data=shards", "data.root={ws}/shards_train_header"],
+     CONFIG_ERROR, ["shards_train_header/train cannot be decoded", "header", "python -m diffusion_lab.data.prepare"]),
     ("train-ckpt-missing", "train.py", [*TINY_TRAIN, "ckpt_path={ws}/missing.ckpt"], CONFIG_ERROR,
      ["missing.ckpt"]),
 ]
@@ -244,12 +249,16 @@ def workspace(ws: Path) -> dict[str, str]:
 
 def damaged_copies(shards: Path) -> None:
     """Copies of the shards with the validation split's first chunk damaged: bytes flipped, cut short, and its
-    index.json garbage."""
-    for name in ("flipped", "cut_short", "garbage_index"):
+    index.json garbage; and with the training split's (read only while training, in loader workers or not) flipped
+    after its first third, and flipped every 97th byte from the first (its header)."""
+    for name in ("flipped", "cut_short", "garbage_index", "train_flipped", "train_header"):
         shutil.copytree(shards, shards.with_name(f"shards_{name}"))
-    chunk = shards.with_name("shards_flipped") / "val" / "chunk-0-0.bin"
-    data = chunk.read_bytes()
-    chunk.write_bytes(data[: len(data) // 3] + bytes(255 - byte for byte in data[len(data) // 3 :]))
+    for name, split in (("flipped", "val"), ("train_flipped", "train")):
+        chunk = shards.with_name(f"shards_{name}") / split / "chunk-0-0.bin"
+        data = chunk.read_bytes()
+        chunk.write_bytes(data[: len(data) // 3] + bytes(255 - byte for byte in data[len(data) // 3 :]))
+    chunk = shards.with_name("shards_train_header") / "train" / "chunk-0-0.bin"
+    chunk.write_bytes(bytes(255 - byte if i % 97 == 0 else byte for i, byte in enumerate(chunk.read_bytes())))
     chunk = shards.with_name("shards_cut_short") / "val" / "chunk-0-0.bin"
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
     (shards.with_name("shards_garbage_index") / "val" / "index.json").write_text('{"chunks": [')

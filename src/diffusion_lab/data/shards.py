@@ -9,6 +9,7 @@ import functools
 import json
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
@@ -19,6 +20,7 @@ from diffusion_lab.utils.errors import ConfigError
 
 FORMAT_VERSION = 1  # of prepared.json and the samples ({"image": uint8 (C, H, W), "label": int})
 META_FILE = "prepared.json"
+PREPARE_AGAIN = "prepare the data again into a new folder (python -m diffusion_lab.data.prepare ... out=NEW)"
 
 
 def is_url(root: str) -> bool:
@@ -65,21 +67,20 @@ def check_split(input_dir: str) -> None:
     the size it lists (a copy cut short): litdata would wait on such a chunk as on a hung download."""
     if is_url(input_dir):
         return
-    again = "prepare the data again into a new folder (python -m diffusion_lab.data.prepare ... out=NEW)"
     try:
         chunks = json.loads((Path(input_dir) / "index.json").read_text())["chunks"]
         sizes = {chunk["filename"]: int(chunk["chunk_bytes"]) for chunk in chunks}
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{input_dir}/index.json is unreadable ({type(error).__name__}); {again}") from error
+        raise ConfigError(f"{input_dir}/index.json is unreadable ({type(error).__name__}); {PREPARE_AGAIN}") from error
     for name, size in sizes.items():
         found = (Path(input_dir) / name).stat().st_size if (Path(input_dir) / name).is_file() else 0
         if found != size:
-            raise ConfigError(f"{input_dir}/{name} holds {found} of its {size} bytes (missing or cut short); {again}")
+            raise ConfigError(f"{input_dir}/{name} holds {found} of its {size} bytes (missing or cut short); {PREPARE_AGAIN}")
 
 
 def damaged(input_dir: str, error: Exception) -> ConfigError:
     return ConfigError(f"a sample of {input_dir} cannot be decoded ({type(error).__name__}: {str(error)[:100]}): the "
-                       "shards are damaged; prepare the data again into a new folder")
+                       f"shards are damaged; {PREPARE_AGAIN}")
 
 
 class ImageShards(StreamingDataset):
@@ -97,12 +98,24 @@ class ImageShards(StreamingDataset):
                          batch_decode=0)
         self.size, self.image_shape, self.root = size, image_shape, input_dir
 
-    def item(self, index) -> dict:
-        """StreamingDataset's sample `index`; ConfigError when it cannot be decoded (damaged shards)."""
+    def reading(self, read: Callable[..., Any], *args) -> Any:
+        """read(self, *args), one of StreamingDataset's; ConfigError when a chunk cannot be read (damaged shards)."""
         try:
-            return StreamingDataset.__getitem__(self, index)
+            return read(self, *args)
+        except (StopIteration, ConfigError):
+            raise
         except Exception as error:  # noqa: BLE001 - whatever a damaged chunk makes litdata's decoders raise
             raise damaged(self.root, error) from error
+
+    def __iter__(self) -> "ImageShards":
+        return self.reading(StreamingDataset.__iter__)  # maps the first chunks, checking their headers
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return self.reading(StreamingDataset.__next__)
+
+    def item(self, index) -> dict:
+        """StreamingDataset's sample `index`; ConfigError when it cannot be decoded (damaged shards)."""
+        return self.reading(StreamingDataset.__getitem__, index)
 
     def __getitem__(self, index) -> tuple[Tensor, Tensor]:
         item = self.item(index)

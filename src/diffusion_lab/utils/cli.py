@@ -24,6 +24,15 @@ def user_error(error: BaseException) -> ConfigError | OmegaConfBaseException | N
     return None
 
 
+def worker_message(text: str) -> str:
+    """The message of an error raised in a DataLoader worker process, which torch re-raises in the main process with
+    the worker's traceback as its message (`Caught ConfigError in DataLoader worker process 0. Original Traceback
+    ...`, ending in the line `module.ConfigError: <message>`); any other text as it is."""
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def one_line_errors(fn):
     """Turn ConfigError (and config-resolution errors) into `error: <message>` on stderr and exit code 2.
     HYDRA_FULL_ERROR=1 shows the traceback instead."""
@@ -36,7 +45,7 @@ def one_line_errors(fn):
             cause = user_error(error)
             if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            text = str(cause).strip()
+            text = worker_message(str(cause).strip())
             message = " ".join(text.split()) if isinstance(cause, ConfigError) else text.splitlines()[0]
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
