@@ -51,13 +51,28 @@ def sample_scores(options: Mapping) -> SampleScores:
 
 def add_real_images(scores: SampleScores, real_images: Tensor, options: Mapping, device: torch.device) -> dict:
     """The extractor's features of `real_images` (uint8, cached in `options["cache_dir"]`) into `scores`; the
-    protocol of that comparison: which split, how many images, their hash, the extractor and its weights' hash."""
+    protocol of that comparison: which split, how many images, their hash, the extractor and its weights' hash, the
+    metrics' own settings."""
     cache_dir = Path(options["cache_dir"]).expanduser()
     for output in scores.real_inputs:
         real = real_features(scores.extractor, real_images, cache_dir, options["batch_size"], device, output)
         scores.add_real(real.features, output)
     return {"real_split": options["real_split"], "real_size": len(real_images), "real_data_hash": data_hash(real_images),
-            "extractor": scores.extractor.name, "extractor_hash": weights_hash(scores.extractor)}
+            "extractor": scores.extractor.name, "extractor_hash": weights_hash(scores.extractor),
+            **metric_settings(scores)}
+
+
+def metric_settings(scores: SampleScores) -> dict:
+    """The settings of the selected metrics that change their values: IS splits, KID subsets and size, k of the
+    precision / recall manifolds."""
+    metrics, settings = scores.metrics, {}
+    if "is" in metrics:
+        settings["is_splits"] = metrics["is"].splits
+    if "kid" in metrics:
+        settings.update(kid_subsets=metrics["kid"].subsets, kid_subset_size=metrics["kid"].max_subset_size)
+    if "prec_recall" in metrics:
+        settings["prec_recall_k"] = metrics["prec_recall"].k
+    return settings
 
 
 def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device: torch.device, seed: int = 0) -> dict:
@@ -67,12 +82,6 @@ def score_samples(samples: Tensor, real_images: Tensor, options: Mapping, device
     protocol = {"num_samples": len(samples), **add_real_images(scores, real_images, options, device)}
     for batch in samples.split(options["batch_size"]):
         scores.update(batch)
-    if "is" in scores.metrics:
-        protocol["is_splits"] = scores.metrics["is"].splits
-    if "kid" in scores.metrics:
-        protocol.update(kid_subsets=scores.metrics["kid"].subsets, kid_subset_size=scores.metrics["kid"].max_subset_size)
-    if "prec_recall" in scores.metrics:
-        protocol["prec_recall_k"] = scores.metrics["prec_recall"].k
     return {**scores.compute(seed), "protocol": protocol}
 
 
