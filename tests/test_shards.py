@@ -3,6 +3,7 @@ prepare goes on where it stopped; `data=shards` under 2-rank DDP sees each sampl
 exactly after SIGTERM mid-epoch; bad shards are one clear line; `data=folder` decodes lazily where told to."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -259,6 +260,13 @@ def test_training_on_from_an_epoch_boundary_matches_an_uninterrupted_run(shards,
     run(shard_overrides(shards, tmp_path / "run", TRAIN_STEPS_PER_EPOCH))  # ends with the first epoch's last batch
     run(shard_overrides(shards, tmp_path / "run", steps) + ["ckpt_path=auto"])
     assert_same_run(uninterrupted(0, steps), last_checkpoint(tmp_path / "run"))
+
+
+def test_training_on_local_shards_says_nothing_of_a_download_cache(shards, tmp_path, caplog, one_thread):
+    """litdata logs "max_cache_size is unset; using 27 GB ..." for shards it reads in place, with no cache at all."""
+    with caplog.at_level(logging.INFO):
+        run(shard_overrides(shards, tmp_path / "run", 1))
+    assert "litdata" in caplog.text and "max_cache_size" not in caplog.text
 
 
 def test_a_large_folder_decodes_lazily_in_workers_and_loads_as_in_memory(folder, monkeypatch):

@@ -16,10 +16,13 @@ class DropMessages(logging.Filter):
 
 
 LIGHTNING_TIPS = DropMessages("litlogger", "Trainer already configured with model summary callbacks")
+LITDATA_CACHE_SIZE = DropMessages("max_cache_size is unset")
 
 
 def silence_library_noise() -> None:
-    """Lightning's advertisement for its cloud logger, its note that our model-summary callback replaces its own, and
-    the deprecation it raises itself through torch's pytree (LeafSpec) on every step."""
+    """Lightning's advertisement for its cloud logger, its note that our model-summary callback replaces its own, the
+    deprecation it raises itself through torch's pytree (LeafSpec) on every step, and litdata's line on the size of a
+    download cache that local shards (read in place) never fill."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(LIGHTNING_TIPS)  # adding twice keeps one
+    logging.getLogger("litdata.utilities.format").addFilter(LITDATA_CACHE_SIZE)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
