@@ -77,8 +77,10 @@ def finished_run(images, tmp_path_factory):
     return output_dir
 
 
-def test_the_run_log_is_in_train_log(finished_run):
-    assert "Seed set to 42" in (finished_run / "train.log").read_text()
+def test_the_run_log_is_in_train_log_without_lightnings_tips(finished_run):
+    log = (finished_run / "train.log").read_text()
+    assert "Seed set to 42" in log and "GPU available" in log
+    assert "litlogger" not in log and "was configured so 100% of the batches" not in log
 
 
 def test_a_refused_command_changes_no_byte_of_the_run_folder(images, finished_run):
