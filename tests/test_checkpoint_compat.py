@@ -1,4 +1,5 @@
-"""Checkpoints written before the model object and the (alpha, sigma) processes (format 1) sample the same images."""
+"""Checkpoints written before the model object and the (alpha, sigma) processes (format 1) sample the same images;
+runs saved while backbone configs still declared the data's shape resume."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from diffusion_lab.builders import load_model
 from diffusion_lab.samplers import Sampler
 from diffusion_lab.utils.checkpoint import load_checkpoint
+from tiny_run import image_folder, run_train, tiny_overrides
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLERS = {
@@ -30,3 +32,17 @@ def test_format_1_ddpm_checkpoint_samples_the_same_images(name, one_thread):
     samples = model.sample(noise, SAMPLERS[name], generator=generator)
     expected = torch.load(FIXTURES / "ddpm_v1_samples.pt", weights_only=True)[name]
     torch.testing.assert_close(samples, expected, rtol=0, atol=1e-4)
+
+
+def test_a_run_saved_with_the_shape_in_its_model_config_resumes(tmp_path):
+    """Backbone configs said `channels: ${data.channels}` and `image_size: ${data.image_size}` until the builder
+    became their one source; a checkpoint of that time resumes (the saved keys are dropped on load) rather than
+    being refused as another run."""
+    data, run = image_folder(tmp_path / "data"), tmp_path / "run"
+    run_train(tiny_overrides(data, run, 2))
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint["config"]["model"].update(channels=1, image_size=8)
+    torch.save(checkpoint, last)
+    run_train([*tiny_overrides(data, run, 3), "ckpt_path=auto"])
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
