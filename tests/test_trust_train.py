@@ -144,6 +144,20 @@ def test_an_autoencoder_checkpoint_as_ckpt_path_is_one_line_naming_the_module(im
         run(tiny_overrides(images, tmp_path / "run", 2) + [f"ckpt_path={tmp_path / 'autoencoder.ckpt'}"])
 
 
+def test_an_autoencoder_checkpoint_as_teacher_ckpt_is_one_line_naming_the_module(first_run, tmp_path):
+    from diffusion_lab.builders import load_model
+    from diffusion_lab.models.teacher import load_teacher
+
+    checkpoint = torch.load(first_run, weights_only=True)
+    student = load_model(checkpoint, "ema", torch.device("cpu"))
+    checkpoint["config"]["module"] = {"_target_": "diffusion_lab.models.autoencoder_module.AutoencoderModule"}
+    del checkpoint["config"]["process"]  # as the autoencoder's run config holds none
+    torch.save(checkpoint, tmp_path / "autoencoder.ckpt")
+    with pytest.raises(ConfigError, match=re.escape(f"teacher_ckpt={tmp_path / 'autoencoder.ckpt'}: its saved config "
+                                                    "has no process (module AutoencoderModule)")):
+        load_teacher(str(tmp_path / "autoencoder.ckpt"), ("gaussian",), student, "progressive_distillation")
+
+
 @pytest.mark.parametrize("override, words", [
     ("compile=maybe", "compile=maybe; give true or false"),
     ("seed=abc", "seed=abc; give an integer"),

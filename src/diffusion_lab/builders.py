@@ -145,12 +145,24 @@ def build_model(cfg: Any, trained_first_stage: bool = True) -> DiffusionModel:
     return DiffusionModel(net, process, backbone_shape(cfg), first_stage, num_classes(cfg))
 
 
-def load_model(checkpoint: dict, weights: str, device: torch.device) -> DiffusionModel:
-    """The model object of a checkpoint (its saved config), with the chosen weights, in eval mode on `device`."""
-    model = build_model(checkpoint["config"], trained_first_stage=False)
+MODEL_KEYS = ("model", "process", "data")  # what a checkpoint's saved config needs to build its model
+
+
+def load_model(checkpoint: dict, weights: str, device: torch.device, name: str = "the checkpoint") -> DiffusionModel:
+    """The model object of a checkpoint (its saved config), with the chosen weights, in eval mode on `device`;
+    ConfigError (one line, the checkpoint called `name`, e.g. teacher_ckpt=PATH) for the checkpoint of another kind
+    of run (an autoencoder's, a classifier's) or weights that do not fit."""
+    config = checkpoint["config"]
+    missing = [key for key in MODEL_KEYS if not config.get(key)]
+    if missing:
+        module = (config.get("module") or {}).get("_target_", "")
+        kind = f" (module {module.rsplit('.', 1)[-1]})" if module else ""
+        raise ConfigError(f"{name}: its saved config has no {', '.join(missing)}{kind}, so it does not describe a "
+                          "diffusion model (train.py writes one that does)")
+    model = build_model(config, trained_first_stage=False)
     try:
         model.load_state_dict(submodule_state(model_weights(checkpoint, weights), "model"))
     except RuntimeError as error:
-        raise ConfigError(f"the checkpoint's weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
+        raise ConfigError(f"{name}: its weights do not fit its saved model config: {str(error).splitlines()[0]}") from error
     to_memory_format(model.net, checkpoint["config"].get("channels_last"), device)
     return model.to(device).eval()

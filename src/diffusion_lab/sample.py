@@ -32,7 +32,6 @@ from diffusion_lab.utils.media import forward_noising_figure, save_gif, save_gri
 
 FIGURES = ("forward",)
 RECORD = "run.json"  # the arguments that drew the samples: in output_dir/chunks/ while drawing, in output_dir when done
-MODEL_KEYS = ("model", "process", "data")  # what a checkpoint's saved config needs to build its model
 
 
 def sampler_config(saved: dict, override: DictConfig) -> DictConfig:
@@ -147,7 +146,7 @@ def guidance_of(cfg: DictConfig, model: DiffusionModel, sampler: Any, device: to
     if cfg.guide_ckpt is None:
         guidance = Guidance(cfg.guidance_scale, interval)
     else:
-        guide = load_model(load_checkpoint(cfg.guide_ckpt), cfg.weights, device)
+        guide = load_model(load_checkpoint(cfg.guide_ckpt), cfg.weights, device, f"guide_ckpt={cfg.guide_ckpt}")
         guidance = model.autoguidance(guide, cfg.guidance_scale, interval)
     guidance.check_grid(*model.sampling_grid(sampler))
     return guidance
@@ -158,12 +157,8 @@ def load_for_sampling(cfg: DictConfig) -> tuple[dict, Fabric, DiffusionModel, An
     drawn."""
     check_options(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path)
-    missing = [key for key in MODEL_KEYS if key not in checkpoint["config"]]
-    if missing:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: its saved config has no {', '.join(missing)}, so it does not "
-                          "describe a diffusion model (train.py writes one that does)")
     fabric = launch(cfg)
-    model = load_model(checkpoint, cfg.weights, fabric.device)
+    model = load_model(checkpoint, cfg.weights, fabric.device, f"ckpt_path={cfg.ckpt_path}")
     sampler = instantiate(sampler_config(checkpoint["config"], cfg.sampler))
     check_sampler(sampler, model)
     if "forward" in cfg.figures and model.latent:

@@ -27,7 +27,7 @@ def load_teacher(path: str | None, processes: tuple[str, ...], student: Diffusio
     if not path:
         raise ConfigError(f"experiment={experiment} needs a teacher: add teacher_ckpt=PATH (a {' or '.join(processes)} "
                           "checkpoint of this project, e.g. <run>/checkpoints/last.ckpt)")
-    teacher = load_model(load_checkpoint(path, key="teacher_ckpt"), "ema", torch.device("cpu"))
+    teacher = load_model(load_checkpoint(path, key="teacher_ckpt"), "ema", torch.device("cpu"), f"teacher_ckpt={path}")
     if teacher.process_name not in processes:
         raise ConfigError(f"teacher_ckpt={path} is a {teacher.process_name} checkpoint; experiment={experiment} distils "
                           f"a {' or '.join(processes)} teacher")
