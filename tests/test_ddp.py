@@ -1,12 +1,14 @@
 """Two-process DDP on CPU (gloo) through `python train.py trainer=ddp`: Lightning re-launches the script for rank 1
 and Hydra must hand it rank 0's run folder."""
 
+import pytest
 import torch
 
 from diffusion_lab.utils.checkpoint import load_checkpoint, model_weights
 from tiny_run import image_folder, run_train, tiny_overrides
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_two_rank_ddp_keeps_ranks_in_sync_and_writes_one_run(tmp_path):
     output_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
     run_train(tiny_overrides(image_folder(tmp_path / "images"), output_dir, max_steps=3) + [

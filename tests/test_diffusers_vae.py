@@ -60,6 +60,7 @@ def rgb_folder(root: Path, size: int = 16) -> Path:
     return root
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_dit_imagenet256_runs_under_debug_fast_and_samples_from_its_checkpoint_alone(tmp_path, one_thread):
     tiny_vae(tmp_path / "vae")
     run(["experiment=dit_imagenet256", "debug=fast", "data=folder", f"data.root={rgb_folder(tmp_path / 'images')}",

@@ -53,6 +53,7 @@ def test_train_cli_exits_with_one_line(tmp_path):
     assert_one_line_error(result, "data.batch_size=-3", ">= 1")
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 @pytest.mark.parametrize("script, group", [("train.py", "model"), ("train.py", "local"), ("sample.py", "sampler")])
 def test_unknown_option_is_rejected_by_hydra_with_the_choices(tmp_path, script, group):
     """No group is `optional`: a typo'd option is Hydra's error listing the options, never silently skipped."""
@@ -86,11 +87,13 @@ def test_optimizer_and_scheduler_arguments_are_config_errors(optimizer, lr_sched
         assert fragment in str(error.value)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_a_bad_learning_rate_ends_train_py_with_one_line(tmp_path):
     result = run_script("train.py", [*TINY, "optimizer.lr=-1", f"paths.output_dir={tmp_path}"], check=False)
     assert_one_line_error(result, "optimizer.lr=-1", "Invalid learning rate")
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_bad_checkpoints_and_sample_settings(tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     torch.save({"config": {}, "state_dict": {"w": torch.zeros(1000)}}, truncated)
@@ -136,6 +139,7 @@ def test_nonfinite_samples_and_decoded_latents_raise_naming_the_step_and_sampler
         generate(DiffusionModel(TinyNet(channels=1), process, (1, 4, 4), first_stage=InfiniteDecoder()), sampler, 2, 2)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_sample_py_on_nonfinite_weights_ends_in_one_line_and_writes_nothing(trained_run, tmp_path):
     checkpoint = torch.load(trained_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
     for value in checkpoint["state_dict"].values():
@@ -149,6 +153,7 @@ def test_sample_py_on_nonfinite_weights_ends_in_one_line_and_writes_nothing(trai
     assert not out.exists() or not any(out.iterdir()), sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_a_failed_run_leaves_earlier_outputs_intact(trained_run, tmp_path):
     output_dir, _, _ = trained_run
     ckpt = output_dir / "checkpoints" / "last.ckpt"

@@ -120,6 +120,7 @@ def scipy_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real))
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 @torch.no_grad()
 def test_fd_dinov2_equals_an_independent_computation_on_the_same_features(dinov2_weights, one_thread):
     extractor = DinoV2Features(dinov2_weights)
@@ -225,6 +226,7 @@ def low_rank_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + traces - 2 * cross)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 @torch.no_grad()
 def test_inception_outputs_and_inception_score_equal_independent_computations(inception_weights):
     extractor = InceptionFeatures(inception_weights)

@@ -129,6 +129,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_finite_check
     assert all(t.isfinite().all() for t in checkpoint["current_model_state"].values() if t.is_floating_point())
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_the_cli_ends_a_non_finite_loss_in_one_line(images, tmp_path):
     from test_errors import assert_one_line_error
 

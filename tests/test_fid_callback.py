@@ -4,6 +4,7 @@ import csv
 import json
 import math
 
+import pytest
 import torch
 
 from diffusion_lab.models.components.classifier import ClassifierNet
@@ -19,6 +20,7 @@ def classifier_checkpoint(path, image_size: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_fid_callback_logs_val_fid_in_a_tiny_run(tmp_path):
     output_dir = tmp_path / "run"
     run_train(tiny_overrides(image_folder(tmp_path / "images"), output_dir, max_steps=4) + [

@@ -247,6 +247,7 @@ class GaussianFamily(nn.Module):
 
 @pytest.mark.parametrize("process", [MeanFlow(jvp_mode="exact", equal_fraction=0.0), Shortcut(finest_steps=8)],
                          ids=["meanflow", "shortcut"])
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_training_recovers_the_data_in_a_family_holding_the_exact_map(process):
     """Training the losses (conditional velocities, stop-gradient targets, the JVP) over the exact maps of N(mu, s^2 I)
     recovers the data's mu and s = 0.5 from mu = 0, s = 1; MeanFlow with r < t throughout, so that its target alone
@@ -358,6 +359,7 @@ def test_flow_map_run_resumes_exactly_and_its_checkpoint_samples(experiment, tmp
         assert x.shape == (2, 1, 8, 8) and x.isfinite().all() and sampler.evaluations_used == steps
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_meanflow_under_two_rank_ddp_keeps_ranks_in_sync(tmp_path):
     """python train.py trainer=ddp (2 CPU ranks, gloo) with MeanFlow's JVP: each rank trains on its own shard and the
     all-reduced gradients leave both with the same weights, bit for bit."""

@@ -43,6 +43,7 @@ def test_encode_decode_shapes(factor):
     torch.testing.assert_close(posterior.kl(), reference.flatten(1).sum(1))
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_autoencoder_reconstruction_error_falls():
     torch.manual_seed(0)
     module = AutoencoderModule(AutoencoderKL(channels=1, image_size=8, factor=2, latent_channels=2, dim=8),
@@ -84,6 +85,7 @@ def compose_run(overrides: list[str], output_dir: Path):
         ])
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_latent_diffusion_samples_images_of_the_data_shape(tmp_path):
     from diffusion_lab.train import train
 

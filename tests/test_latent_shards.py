@@ -132,6 +132,7 @@ def no_encoder(monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "encode", refuse)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_stage_two_trains_without_the_encoder_and_its_checkpoint_samples_alone(latents, tmp_path, no_encoder,
                                                                                one_thread):
     copy = shutil.copytree(latents, tmp_path / "latents")

@@ -115,6 +115,7 @@ def cd_lpips(images, teacher_ckpt, output_dir, steps: int = 1) -> list[str]:
         f"teacher_ckpt={teacher_ckpt}", "data.batch_size=2", "trainer.limit_val_batches=1", "module.metric=lpips"]
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_consistency_distillation_with_lpips_trains(weights, teacher, tmp_path, one_thread):
     """Two steps with module.metric=lpips change the student; LPIPS is not saved in its checkpoint."""
     _, lin_path, vgg_path = weights

@@ -4,6 +4,7 @@ loss-by-timestep callback encodes, and metrics=[nll] refuses in one line (the th
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_script
 from test_fid_callback import classifier_checkpoint
@@ -14,6 +15,7 @@ from diffusion_lab.metrics.scores import SampleScores
 from diffusion_lab.models.diffusion_model import DiffusionModel
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_latent_run_callbacks_decode_and_encode_and_nll_refuses(tmp_path, monkeypatch):
     from diffusion_lab.train import train
 

@@ -9,6 +9,7 @@ from diffusion_lab.config import register_resolvers
 from tiny_run import ROOT, image_folder, run_train, tiny_overrides
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_grid_runs_one_job_per_value(tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(image_folder(tmp_path / "images"), tmp_path / "unused", max_steps=2)

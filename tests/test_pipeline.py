@@ -95,6 +95,7 @@ def test_sampling_is_deterministic_under_a_seed(trained_run, tmp_path, sampler_o
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 @needs_fashion_mnist
 def test_a_few_hundred_steps_lower_the_loss_on_real_data(tmp_path):
     from diffusion_lab.train import train

@@ -87,4 +87,4 @@ def test_install_and_test_commands_are_the_ones_ci_runs():
     ]
     block = re.search(r"```bash\n(.*?)```", section(README.read_text(), "Install and test"), flags=re.S)
     assert block, "README's 'Install and test' has no bash block"
-    assert block.group(1).strip().splitlines() == ci_commands == ['pip install -e ".[dev]"', "python -m pytest -q"]
+    assert block.group(1).strip().splitlines() == ci_commands == ['pip install -e ".[dev]"', 'python -m pytest -q -m "not slow"']

@@ -67,6 +67,7 @@ def test_terms_train_log_checkpoint_resume_exactly_and_sample(images, encoder, b
     assert not any(name.startswith("representation") for name in model.state_dict())
 
 
+@pytest.mark.slow  # 15-85 s on 2 cores (pytest --durations, 2026-12-04)
 def test_terms_under_two_rank_ddp_leave_both_ranks_the_same_weights(images, encoder, tmp_path):
     output_dir, probe_dir = tmp_path / "run", tmp_path / "probe"
     run_train(tiny_overrides(images, output_dir, 2) + both_terms(encoder) + [
