@@ -34,6 +34,7 @@ def test_format_1_ddpm_checkpoint_samples_the_same_images(name, one_thread):
     torch.testing.assert_close(samples, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow  # two tiny training runs through train.py: about 25 s on 2 cores
 def test_a_run_saved_with_the_shape_in_its_model_config_resumes(tmp_path):
     """Backbone configs said `channels: ${data.channels}` and `image_size: ${data.image_size}` until the builder
     became their one source; a checkpoint of that time resumes (the saved keys are dropped on load) rather than
