@@ -13,8 +13,8 @@ def compose_train(overrides: list[str]) -> DictConfig:
     return compose_config("train", overrides)
 
 
-def sampling_device() -> torch.device:
-    """Where the benchmarks sample: the GPU where there is one (scoring stays on the CPU)."""
+def best_device() -> torch.device:
+    """Where the benchmarks train and sample: the GPU where there is one (scoring stays on the CPU)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import add_threads_argument, apply_threads, compose_train, sampling_device
+from common import add_threads_argument, apply_threads, compose_train, best_device
 from diffusion_lab.builders import load_model
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import data_split
@@ -65,7 +65,7 @@ def check_encoder(encoder: str, scorer: str) -> None:
 
 
 def fd_at(run_dir: Path, args, test_images: torch.Tensor) -> float:
-    model = load_model(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"), "ema", sampling_device())
+    model = load_model(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"), "ema", best_device())
     labels = list(range(model.num_classes)) if model.conditional else None
     samples = generate(model, Sampler(args.sampler, args.sampler_steps, "trailing"), args.num_samples, 250,
                        seed=args.seed, class_labels=labels).samples

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from common import add_threads_argument, apply_threads, compose_train, sampling_device
+from common import add_threads_argument, apply_threads, compose_train, best_device
 from diffusion_lab.generate import generate
 from diffusion_lab.metrics.evaluate import data_split
 from diffusion_lab.models.diffusion_model import DiffusionModel
@@ -73,7 +73,7 @@ def fit(name: str, overrides: list[str], steps: int, args) -> tuple[Path, float]
 
 def fd(checkpoint: Path, sampler: Sampler | Callable[[DiffusionModel], Sampler], args, test_images: torch.Tensor) -> dict:
     """FD of --num-samples samples of the checkpoint's EMA model by the sampler (or the sampler made for the model)."""
-    model = load_model(load_checkpoint(checkpoint), "ema", sampling_device())
+    model = load_model(load_checkpoint(checkpoint), "ema", best_device())
     sampler = sampler if isinstance(sampler, Sampler) else sampler(model)
     samples = generate(model, sampler, args.num_samples, 250, seed=args.seed).samples
     return {"sampler": str(sampler), "evaluations": sampler.evaluations_used,

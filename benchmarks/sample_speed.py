@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from common import add_threads_argument, apply_threads, compose_train, reference_diffusion
+from common import add_threads_argument, apply_threads, best_device, compose_train, reference_diffusion
 from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.generate import generate
 from diffusion_lab.samplers import Sampler
@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     apply_threads(args.threads)
     cfg = compose_train(args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = best_device()
     torch.manual_seed(0)
     model = build_model(cfg).to(device).eval()
     to_memory_format(model.net, cfg.get("channels_last"), device)

@@ -28,7 +28,7 @@ from lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import add_threads_argument, apply_threads, compose_train, reference_diffusion
+from common import add_threads_argument, apply_threads, best_device, compose_train, reference_diffusion
 from diffusion_lab.builders import build_model, to_memory_format
 from diffusion_lab.models.diffusion_module import DiffusionModule
 
@@ -136,7 +136,7 @@ def main() -> None:
     args = parser.parse_intermixed_args()  # overrides may follow options, as in the examples above
     apply_threads(args.threads)
     cfg = compose_train(args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = best_device()
     batch_size, data = cfg.data.batch_size, cfg.data
     autocast_dtype = AUTOCAST[args.precision]
 
