@@ -220,6 +220,17 @@ def test_a_tracked_length_rebuilt_by_the_command_is_its_snapshot_and_sample_py_t
     assert np.load(paths["samples"])["arr_0"].shape == (2, 8, 8, 1)
 
 
+def test_the_ema_callback_at_a_sigma_rel_tracks_what_the_snapshots_hold(images, tmp_path, one_thread):
+    """callbacks.ema.sigma_rel=S: the checkpoint's EMA weights (what sample.py takes) equal the post-hoc EMA of the
+    same length tracked beside them, to float rounding (the one decays in float32, the other in float64)."""
+    last = train_tiny(images, tmp_path, ["callbacks.ema.decay=null", "callbacks.ema.sigma_rel=0.05"])
+    snapshot = torch.load(tmp_path / SNAPSHOT_DIR / f"phema-{STEPS:07d}-0.050.pt", weights_only=True)["state_dict"]
+    trained = [name for name, value in snapshot.items() if value.is_floating_point()]
+    for name in trained:
+        torch.testing.assert_close(last["state_dict"][name], snapshot[name])
+    assert any(not torch.equal(last["state_dict"][name], last["current_model_state"][name]) for name in trained)
+
+
 def test_bad_runs_and_lengths_are_one_line_errors(tiny_run, tmp_path):
     output_dir, _ = tiny_run
     (tmp_path / "bare" / "checkpoints").mkdir(parents=True)

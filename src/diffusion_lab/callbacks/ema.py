@@ -8,16 +8,33 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 
+from diffusion_lab.ema.power_ema import sigma_rel_to_gamma
 from diffusion_lab.utils.errors import ConfigError
 
 
 class EMA(WeightAveraging):
     """theta_ema <- d theta_ema + (1 - d) theta with d = decay, or with warmup d_n = min(decay, (1 + n) / (10 + n))
-    after n updates (the warmup of diffusers' EMAModel / TensorFlow's ExponentialMovingAverage num_updates)."""
+    after n updates (the warmup of diffusers' EMAModel / TensorFlow's ExponentialMovingAverage num_updates).
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1):
-        if not 0 < decay < 1:
+    With `sigma_rel` instead of `decay`: the power-function EMA of that relative length (Karras et al. 2024, EDM2
+    Eq. 3), d_n = (n / (n + 1))^(gamma + 1) after n updates (Eq. 127 with t the update count), which averages the
+    weights with the profile p(tau) ~ tau^gamma over the whole run; the length `python -m diffusion_lab.sweep`
+    finds best in post-hoc EMA, tracked directly."""
+
+    def __init__(self, decay: float | None = 0.9999, warmup: bool = True, sigma_rel: float | None = None,
+                 update_every_n_steps: int = 1):
+        if (decay is None) == (sigma_rel is None):
+            raise ConfigError(f"callbacks.ema: decay={decay}, sigma_rel={sigma_rel}: give one of them (decay: a constant "
+                              "decay; sigma_rel: a power-function EMA) and set the other to null")
+        if decay is not None and not 0 < decay < 1:
             raise ConfigError(f"callbacks.ema.decay={decay} must be in (0, 1)")
+        if sigma_rel is not None and not warmup:
+            raise ConfigError("callbacks.ema.warmup=false has no meaning with sigma_rel: the power-function EMA starts "
+                              "from the first weights")
+        try:
+            self.gamma = None if sigma_rel is None else sigma_rel_to_gamma(sigma_rel)
+        except ConfigError as error:
+            raise ConfigError(f"callbacks.ema.{error}") from error
         if update_every_n_steps < 1:
             raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
         self.decay, self.warmup, self.update_every_n_steps = decay, warmup, update_every_n_steps
@@ -28,7 +45,12 @@ class EMA(WeightAveraging):
         if averaged[0].is_floating_point():  # called once per (device, dtype) group
             # decay as a tensor on the weights' device: no host-device sync in the training step
             n = num_averaged.to(torch.float64)
-            decay = ((1 + n) / (10 + n)).clamp(max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+            if self.gamma is not None:
+                decay = (n / (n + 1)) ** (self.gamma + 1)
+            elif self.warmup:
+                decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
+            else:
+                decay = torch.full_like(n, self.decay)
             torch._foreach_lerp_(averaged, current, (1 - decay).to(averaged[0].dtype))
         else:  # integer buffers (BatchNorm's num_batches_tracked) are copied
             torch._foreach_copy_(averaged, current)
