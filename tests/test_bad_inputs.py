@@ -181,6 +181,10 @@ CASES = [
      ["data.val_size=100"]),
     # train.py
     ("train-batch-size-0", "train.py", [*TINY_TRAIN, "data.batch_size=0"], CONFIG_ERROR, ["data.batch_size=0"]),
+    ("train-ema-decay-and-sigma-rel", "train.py", [*TINY_TRAIN, "callbacks.ema.sigma_rel=0.05"], CONFIG_ERROR,
+     ["decay=0.9999, sigma_rel=0.05", "set the other to null"]),
+    ("train-ema-sigma-rel-range", "train.py", [*TINY_TRAIN, "callbacks.ema.decay=null", "callbacks.ema.sigma_rel=0.4"],
+     CONFIG_ERROR, ["callbacks.ema.sigma_rel=0.4 must be in"]),
     ("train-model-unknown", "train.py", [*TINY_TRAIN, "model=nope"], HYDRA_ERROR, ["Could not find 'model/nope'"]),
     ("train-timesteps-0", "train.py", [*TINY_TRAIN, "schedule.timesteps=0"], CONFIG_ERROR, ["schedule.timesteps=0"]),
     ("train-folder-missing", "train.py", [*TINY_TRAIN, "data.root={ws}/nowhere"], CONFIG_ERROR, ["holds no images"]),
