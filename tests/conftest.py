@@ -78,6 +78,6 @@ def trained_run(tmp_path_factory):
     from diffusion_lab.train import train
 
     output_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_train(["callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"], output_dir)
+    cfg = compose_train(["callbacks.ema.decay=0.5", "callbacks.ema.warmup=false", "callbacks.ema.sigma_rel=null"], output_dir)
     metrics, objects = train(cfg)
     return output_dir, metrics, objects

@@ -124,7 +124,8 @@ def test_consistency_distillation_student_moves_towards_the_data(one_thread):
 
 def tiny(experiment: str, images, output_dir, steps: int = 2) -> list[str]:
     base = [o for o in tiny_overrides(images, output_dir, steps) if not o.startswith("schedule.")]
-    return [f"experiment={experiment}", *base, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"]
+    return [f"experiment={experiment}", *base, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+            "callbacks.ema.sigma_rel=null"]
 
 
 @pytest.fixture(scope="module")

@@ -344,7 +344,8 @@ def test_flow_map_run_resumes_exactly_and_its_checkpoint_samples(experiment, tmp
 
     def overrides(name: str, steps: int) -> list[str]:
         tiny = [o for o in tiny_overrides(images, tmp_path / name, steps) if not o.startswith("schedule.")]
-        return [f"experiment={experiment}", *tiny, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"]
+        return [f"experiment={experiment}", *tiny, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+            "callbacks.ema.sigma_rel=null"]
 
     run(overrides("straight", 6))
     run(overrides("first", 3))

@@ -15,7 +15,8 @@ from diffusion_lab.utils.errors import ConfigError
 
 def overrides(experiment: str, images, output_dir, steps: int) -> list[str]:
     tiny = [o for o in tiny_overrides(images, output_dir, steps) if not o.startswith("schedule.")]
-    return [f"experiment={experiment}", *tiny, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false"]
+    return [f"experiment={experiment}", *tiny, "callbacks.ema.decay=0.5", "callbacks.ema.warmup=false",
+            "callbacks.ema.sigma_rel=null"]
 
 
 @pytest.mark.parametrize("experiment, sampler", [("rectified_flow_fashion_mnist", Sampler("heun", 3, "uniform")),
