@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 
-from diffusion_lab.ema.power_ema import sigma_rel_to_gamma
+from diffusion_lab.ema.power_ema import power_ema_beta, sigma_rel_to_gamma
 from diffusion_lab.utils.errors import ConfigError
 
 
@@ -46,7 +46,7 @@ class EMA(WeightAveraging):
             # decay as a tensor on the weights' device: no host-device sync in the training step
             n = num_averaged.to(torch.float64)
             if self.gamma is not None:
-                decay = (n / (n + 1)) ** (self.gamma + 1)
+                decay = power_ema_beta(n + 1, self.gamma)  # update n + 1 of the run's updates
             elif self.warmup:
                 decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
             else:
